@@ -1,0 +1,78 @@
+"""What one device sends per block about its tokens, and how receivers rebuild keys/values.
+
+- `CodesCodec`: ASTRA. Bit-packed VQ codes, G·log2K bits per token per codebook (paper §3.2).
+- `FloatCodec`: full-precision sequence parallelism (Voltage): the attention input in fp32/fp16.
+
+Both take the sending device's attention inputs and give the receiver (k, v) before RoPE, so the
+runtime's attention code is one piece whatever crosses the wire.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from astra.models.attention import Attention
+from astra.parallel.quantizer import BlockQuantizer
+from astra.vq import pack_codes, table_sum, unpack_codes
+
+
+class CodesCodec:
+    """ASTRA codes. With `use_tables`, the "hidden" point rebuilds K/V with per-code projection
+    tables (G, K, Dkv) instead of decode-then-project: a lookup and a sum over groups instead of
+    a (D x 2 Dkv) matmul per remote token. Only worth it, and only built, when G*K*Dkv is small."""
+
+    def __init__(self, quantizer: BlockQuantizer, use_tables: bool = False):
+        self.quantizer = quantizer
+        self.bits = quantizer.codebooks[0].config.bits_per_code
+        self.groups = quantizer.num_groups_on_wire
+        self.tables: tuple[Tensor, Tensor] | None = None
+        self.use_tables = use_tables and quantizer.point == "hidden"
+
+    def encode(self, attn: Attention, x: Tensor) -> Tensor:
+        codes = self.quantizer.encode(attn, x)  # (1, n, G_wire)
+        return pack_codes(codes[0], self.bits)
+
+    def payload_bytes(self, num_tokens: int) -> int:
+        return (num_tokens * self.groups * self.bits + 7) // 8
+
+    def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        codes = unpack_codes(payload, num_tokens, self.groups, self.bits)[None]  # (1, n, G)
+        if self.use_tables:
+            return self._lookup_kv(attn, codes)
+        return self.quantizer.decode_kv(attn, codes)
+
+    def _lookup_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
+        codebook = self.quantizer.codebooks[0]
+        if self.tables is None:
+            self.tables = (
+                codebook.lookup_table(attn.k_proj.weight, attn.k_proj.bias),
+                codebook.lookup_table(attn.v_proj.weight, attn.v_proj.bias),
+            )
+        k = table_sum(self.tables[0], codes)  # (1, n, Dkv)
+        v = table_sum(self.tables[1], codes)
+        return _split_heads(k, attn.num_kv_heads), _split_heads(v, attn.num_kv_heads)
+
+
+class FloatCodec:
+    """Voltage-style sequence parallelism: the attention input itself, fp32 or fp16."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"FloatCodec dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+
+    def encode(self, attn: Attention, x: Tensor) -> Tensor:
+        return x[0].to(self.dtype).contiguous().view(torch.uint8).flatten()
+
+    def payload_bytes(self, num_tokens: int, width: int) -> int:
+        return num_tokens * width * torch.finfo(self.dtype).bits // 8
+
+    def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        x = payload.view(self.dtype).view(1, num_tokens, -1).float()  # (1, n, D)
+        return attn.project_kv(x)
+
+
+def _split_heads(t: Tensor, num_heads: int) -> Tensor:
+    b, n, width = t.shape
+    return t.view(b, n, num_heads, width // num_heads).transpose(1, 2)  # -> (B, H, n, hd)

@@ -1,0 +1,92 @@
+"""One sequence-parallel forward pass on one rank (ASTRA or full-precision SP).
+
+`build_rank_layout` decides what each rank holds from the same placement the simulation uses;
+`sequence_parallel_forward` swaps each block's attention for a `RankAttention` and runs the
+blocks on the local tokens. Class tokens follow the simulation (astra.parallel.simulate):
+distributed replicas are local and never sent; a single class token lives on rank 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from astra.parallel.placement import PlacementConfig, assign_tokens
+from astra.parallel.runtime import RankAttention, RankLayout
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """The whole (class-token-expanded) sequence: who holds each token, which are sent."""
+
+    device_of_token: Tensor  # (T',) int64
+    sendable: Tensor  # (T',) bool
+    positions: Tensor  # (T',) absolute positions (class replicas share position 0)
+    num_replicas: int  # leading class-token replicas (0 or N)
+
+
+def build_sequence_layout(
+    num_tokens: int, placement: PlacementConfig, class_tokens: str
+) -> SequenceLayout:
+    """Same rules as AstraModel._layout, for a sequence of `num_tokens` embedded tokens."""
+    n = placement.num_devices
+    positions = torch.arange(num_tokens)
+    if class_tokens == "none":
+        dev = assign_tokens(num_tokens, placement)
+        return SequenceLayout(dev, torch.ones(num_tokens, dtype=torch.bool), positions, 0)
+    content = assign_tokens(num_tokens - 1, placement)
+    if class_tokens == "distributed" and n > 1:
+        dev = torch.cat([torch.arange(n), content])
+        sendable = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones_like(content, dtype=torch.bool)])
+        pos = torch.cat([torch.zeros(n, dtype=torch.long), positions[1:]])
+        return SequenceLayout(dev, sendable, pos, n)
+    dev = torch.cat([content.new_zeros(1), content])
+    return SequenceLayout(dev, torch.ones(num_tokens, dtype=torch.bool), positions, 0)
+
+
+def build_rank_layout(seq: SequenceLayout, rank: int, world_size: int, causal: bool) -> RankLayout:
+    local_index = torch.nonzero(seq.device_of_token == rank).flatten()
+    send_local = torch.nonzero(seq.sendable[local_index]).flatten()
+    send_positions, send_counts = [], []
+    for j in range(world_size):
+        sent = (seq.device_of_token == j) & seq.sendable
+        send_positions.append(seq.positions[sent])
+        send_counts.append(int(sent.sum()))
+    return RankLayout(
+        rank=rank,
+        world_size=world_size,
+        local_index=local_index,
+        local_positions=seq.positions[local_index],
+        send_local=send_local,
+        send_counts=send_counts,
+        send_positions=send_positions,
+        causal=causal,
+    )
+
+
+def expand_class_tokens(x: Tensor, num_replicas: int) -> Tensor:
+    """(B, 1+P, D) -> (B, N+P, D) with N replicas of the class token (paper §3.4)."""
+    if num_replicas == 0:
+        return x
+    return torch.cat([x[:, :1].expand(-1, num_replicas, -1), x[:, 1:]], dim=1)
+
+
+def install_rank_attention(model: nn.Module, codecs: list, layout: RankLayout, comm, overlap=True):
+    """Replace every block's attention with its per-rank version (in place, this rank only)."""
+    for block, codec in zip(model.blocks, codecs):
+        inner = block.attn.inner if isinstance(block.attn, RankAttention) else block.attn
+        block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap)
+
+
+def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayout) -> Tensor:
+    """Embedded (expanded) sequence (1, T', D) -> this rank's last hidden states (1, T_local, D).
+
+    Every rank embeds the whole input (a lookup or one patch convolution) and keeps its slice,
+    so no input bytes cross the link either.
+    """
+    x = x_full[:, layout.local_index]
+    for block in model.blocks:
+        x = block(x, layout.local_positions, None)
+    return x

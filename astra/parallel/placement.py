@@ -1,0 +1,78 @@
+"""Which device holds which token (paper §3.1 and App. D).
+
+The paper splits content tokens evenly and does not say how; we default to contiguous chunks
+(as Voltage-style sequence parallelism does), and also offer weighted (heterogeneous devices get
+more tokens) and random assignments (the paper trains with random assignments so one codebook
+generalises to any imbalance, App. D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PLACEMENTS = ("contiguous", "random")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    num_devices: int  # N: devices sharing one sequence
+    kind: str = "contiguous"  # "contiguous" chunks or "random" (any imbalance, App. D)
+    weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
+    seed: int = 0  # for kind="random"
+
+    def __post_init__(self) -> None:
+        if self.num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+        if self.kind not in PLACEMENTS:
+            raise ValueError(f"placement kind {self.kind!r} is not one of {PLACEMENTS}")
+        if self.weights is not None:
+            if len(self.weights) != self.num_devices:
+                raise ValueError(
+                    f"got {len(self.weights)} device weights for {self.num_devices} devices"
+                )
+            if any(w <= 0 for w in self.weights):
+                raise ValueError(f"device weights must be > 0, got {self.weights}")
+
+
+def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
+    """Tokens per device: proportional to `weights`, every device at least one token."""
+    if num_tokens < num_devices:
+        raise ValueError(
+            f"cannot split {num_tokens} tokens over {num_devices} devices: "
+            f"each device needs at least one token (use <= {num_tokens} devices)"
+        )
+    w = torch.ones(num_devices) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    ideal = w / w.sum() * num_tokens
+    sizes = ideal.floor().long().clamp(min=1)
+    # hand the remainder to the devices whose share was rounded down the most
+    remainder = num_tokens - int(sizes.sum())
+    order = torch.argsort(ideal - sizes, descending=True)
+    i = 0
+    while remainder != 0:
+        d = order[i % num_devices]
+        if remainder > 0:
+            sizes[d] += 1
+            remainder -= 1
+        elif sizes[d] > 1:
+            sizes[d] -= 1
+            remainder += 1
+        i += 1
+    return sizes.tolist()
+
+
+def assign_tokens(num_tokens: int, config: PlacementConfig) -> torch.Tensor:
+    """device_of_token (num_tokens,) int64 in [0, N)."""
+    sizes = split_sizes(num_tokens, config.num_devices, config.weights)
+    device_of_token = torch.repeat_interleave(torch.arange(config.num_devices), torch.tensor(sizes))
+    if config.kind == "random":
+        g = torch.Generator().manual_seed(config.seed)
+        device_of_token = device_of_token[torch.randperm(num_tokens, generator=g)]
+    return device_of_token
+
+
+def full_precision_attention_rate(device_of_token: torch.Tensor, num_devices: int) -> float:
+    """FPAR = sum_k n_k^2 / T^2: the share of query-key pairs that stay exact (App. D)."""
+    counts = torch.bincount(device_of_token, minlength=num_devices).double()
+    return float((counts**2).sum() / counts.sum() ** 2)

@@ -1,0 +1,148 @@
+"""Sequence-parallel attention on one rank: exact local K/V, remote K/V rebuilt from the wire.
+
+Each rank holds the whole model and its share of the tokens (paper §3.1). Per block:
+
+1. encode the attention input of the tokens it shares and *start* the all-gather;
+2. while the payload is on the link, project its local q/k/v and attend to its local keys
+   (exact; the partial result keeps its log-sum-exp);
+3. wait, rebuild the remote keys/values from the payloads, attend to them, and merge the two
+   partial softmaxes exactly with their log-sum-exps (the merge is what lets step 2 overlap
+   the link: the paper's runtime waits serially);
+4. the MLP is position-wise and runs locally with no communication.
+
+The same code runs over a real communicator (astra.net) or the lockstep one used by the
+composed mode (astra.parallel.lockstep); with `CodesCodec` it is ASTRA, with `FloatCodec` it is
+full-precision sequence parallelism (Voltage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from astra.models.attention import Attention, causal_mask
+
+
+@dataclass
+class RankLayout:
+    """What rank `rank` holds and what every rank sends; identical on all ranks."""
+
+    rank: int
+    world_size: int
+    local_index: Tensor  # (T_local,) indices into the (class-token-expanded) sequence
+    local_positions: Tensor  # (T_local,) absolute positions
+    send_local: Tensor  # (S,) indices into the local tokens that are sent (class replicas aren't)
+    send_counts: list[int]  # tokens each rank sends, per rank
+    send_positions: list[Tensor]  # absolute positions of the tokens each rank sends, per rank
+    causal: bool
+
+    @property
+    def remote_positions(self) -> Tensor:
+        parts = [p for j, p in enumerate(self.send_positions) if j != self.rank]
+        return torch.cat(parts) if parts else self.local_positions.new_zeros(0)
+
+
+class RankAttention(nn.Module):
+    """The per-rank replacement of a block's attention (same call signature as Attention)."""
+
+    def __init__(self, inner: Attention, codec, layout: RankLayout, comm, overlap: bool = True):
+        super().__init__()
+        self.inner = inner
+        self.codec = codec
+        self.layout = layout
+        self.comm = comm
+        self.overlap = overlap
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
+        lay, attn = self.layout, self.inner
+        # 1. what leaves this device: the shared tokens' attention inputs, encoded
+        payload = self.codec.encode(attn, x[:, lay.send_local])
+        handle = self.comm.start_all_gather_bytes(payload)
+        # 2. local, exact, overlapping the link
+        q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2
+        q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+        local_mask = causal_mask(positions, positions) if lay.causal else None
+        if self.overlap:
+            out_local, lse_local = _attend_lse(q, k, v, local_mask)
+        # 3. remote, rebuilt from what arrived
+        payloads = handle.wait()
+        k_hat, v_hat = self._rebuild_remote(payloads)
+        remote_pos = lay.remote_positions
+        k_hat = attn.rotate(k_hat, remote_pos)
+        remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
+        if cache is not None:
+            cache.store(k, v, k_hat, v_hat, positions, remote_pos)
+        if not self.overlap:
+            mask_all = None
+            if lay.causal:
+                mask_all = torch.cat([local_mask, remote_mask], dim=-1)
+            return attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
+        out_remote, lse_remote = _attend_lse(q, k_hat, v_hat, remote_mask)
+        merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
+        b, h, n, hd = merged.shape
+        return attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
+
+    def _rebuild_remote(self, payloads: list[Tensor]) -> tuple[Tensor, Tensor]:
+        ks, vs = [], []
+        for j, payload in enumerate(payloads):
+            if j == self.layout.rank or self.layout.send_counts[j] == 0:
+                continue
+            k, v = self.codec.decode_kv(self.inner, payload, self.layout.send_counts[j])
+            ks.append(k)
+            vs.append(v)
+        if not ks:
+            attn = self.inner
+            empty = torch.zeros(1, attn.num_kv_heads, 0, attn.head_dim)
+            return empty, empty.clone()
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (1, Hkv, T_remote, hd)
+
+
+def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each query's scores.
+
+    q (B,H,Tq,hd), k/v (B,Hkv,Tk,hd), mask bool (Tq,Tk) or None -> out (B,H,Tq,hd), lse (B,H,Tq).
+    Rows with no visible key get lse = -inf and out = 0, so they drop out of the merge.
+    """
+    b, h, tq, hd = q.shape
+    if k.shape[2] == 0:
+        return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), float("-inf"))
+    if k.shape[1] != h:  # grouped-query attention: share each kv head across h/Hkv query heads
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        additive = None
+        if mask is not None:
+            additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=additive
+        )
+    else:
+        scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # (B,H,Tq,Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ v
+    dead = torch.isneginf(lse)
+    if dead.any():
+        out = out.masked_fill(dead[..., None], 0.0)
+    return out, lse
+
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Exact softmax over the union of two key sets from their partial results (B,H,T,hd)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - lse)[..., None]
+    w_b = torch.exp(lse_b - lse)[..., None]
+    return w_a * out_a + w_b * out_b
+
+
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Reference used in tests: SDPA with GQA repeat, mask True = may attend."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
