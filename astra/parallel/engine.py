@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from astra.parallel.codecs import CodesCodec, FloatCodec
 from astra.parallel.placement import PlacementConfig, assign_tokens
 from astra.parallel.runtime import RankAttention, RankLayout
+
+SP_METHODS = {"astra": None, "sp-fp32": torch.float32, "sp-fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def expand_class_tokens(x: Tensor, num_replicas: int) -> Tensor:
 def install_rank_attention(model: nn.Module, codecs: list, layout: RankLayout, comm, overlap=True):
     """Replace every block's attention with its per-rank version (in place, this rank only)."""
     for block, codec in zip(model.blocks, codecs):
-        inner = block.attn.inner if isinstance(block.attn, RankAttention) else block.attn
+        inner = getattr(block.attn, "inner", block.attn)  # unwrap a previous wrapper
         block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap)
 
 
@@ -90,3 +93,30 @@ def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayo
     for block in model.blocks:
         x = block(x, layout.local_positions, None)
     return x
+
+
+def make_codecs(method: str, quantizers, use_tables: bool = False) -> list:
+    """One codec per block: ASTRA codes, or full-precision hidden states for Voltage-style SP."""
+    if method not in SP_METHODS:
+        raise ValueError(f"sequence-parallel method {method!r} is not one of {list(SP_METHODS)}")
+    if method == "astra":
+        return [CodesCodec(q, use_tables=use_tables) for q in quantizers]
+    return [FloatCodec(SP_METHODS[method]) for _ in quantizers]
+
+
+def rank_forward(
+    rank: int,
+    world_size: int,
+    comm,
+    model: nn.Module,
+    quantizers,
+    x_full: Tensor,
+    seq: SequenceLayout,
+    method: str = "astra",
+    overlap: bool = True,
+    use_tables: bool = False,
+) -> Tensor:
+    """This rank's part of one sequence-parallel pass; returns its last hidden states."""
+    layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
+    install_rank_attention(model, make_codecs(method, quantizers, use_tables), layout, comm, overlap)
+    return sequence_parallel_forward(model, x_full, layout)

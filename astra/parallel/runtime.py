@@ -125,9 +125,12 @@ def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[T
             scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         out = torch.softmax(scores, dim=-1) @ v
-    dead = torch.isneginf(lse)
-    if dead.any():
-        out = out.masked_fill(dead[..., None], 0.0)
+    if mask is not None:
+        # rows with no visible key: the CPU flash kernel reports lse = 0 there, not -inf
+        dead = ~mask.any(dim=-1)  # (Tq,)
+        if dead.any():
+            lse = lse.masked_fill(dead, float("-inf"))
+            out = out.masked_fill(dead[..., None], 0.0)
     return out, lse
 
 

@@ -98,6 +98,7 @@ class AstraModel(nn.Module):
         )
         for i, (block, quantizer) in enumerate(zip(model.blocks, self.quantizers)):
             block.attn = MixedPrecisionAttention(block.attn, quantizer, self.slot, i)
+        self.train(model.training)  # follow the base model: an eval model stays in eval
 
     @property
     def class_tokens(self) -> str:
