@@ -28,8 +28,16 @@ ATOL_RUNTIME = 1e-4
 
 def tiny_llama(seed: int = 0) -> Llama:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, dim=48, num_layers=2, num_heads=6, num_kv_heads=2,
-                      head_dim=8, mlp_dim=96, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        dim=48,
+        num_layers=2,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=96,
+        tie_word_embeddings=True,
+    )
     model = Llama(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -39,8 +47,15 @@ def tiny_llama(seed: int = 0) -> Llama:
 
 def tiny_vit(seed: int = 0) -> ViT:
     torch.manual_seed(seed)
-    cfg = ViTConfig(dim=32, num_layers=2, num_heads=4, mlp_dim=64, image_size=24, patch_size=4,
-                    use_layer_scale=True)
+    cfg = ViTConfig(
+        dim=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=64,
+        image_size=24,
+        patch_size=4,
+        use_layer_scale=True,
+    )
     model = ViT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -84,8 +99,9 @@ def test_simulation_with_exact_codes_equals_full_precision_decoder(point):
     ids = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         ref = model(ids)
-    astra = apply_astra(copy.deepcopy(model), AstraConfig(quant_point=point, num_groups=1,
-                                                          codebook_size=64))
+    astra = apply_astra(
+        copy.deepcopy(model), AstraConfig(quant_point=point, num_groups=1, codebook_size=64)
+    )
     x = astra.model.embed(ids)
     exact_codebooks_(astra, lambda: astra.forward_hidden(x, None))
     with torch.no_grad():
@@ -99,8 +115,9 @@ def test_simulation_with_exact_codes_equals_full_precision_vit(class_tokens):
     pixels = torch.randn(1, 3, 24, 24)
     with torch.no_grad():
         ref = model(pixels)
-    astra = apply_astra(copy.deepcopy(model), AstraConfig(num_groups=1, codebook_size=64,
-                                                          class_tokens=class_tokens))
+    astra = apply_astra(
+        copy.deepcopy(model), AstraConfig(num_groups=1, codebook_size=64, class_tokens=class_tokens)
+    )
     x = astra.model.embed(pixels)
     exact_codebooks_(astra, lambda: astra.forward_hidden(x, None))
     with torch.no_grad():
@@ -111,8 +128,9 @@ def test_simulation_with_exact_codes_equals_full_precision_vit(class_tokens):
 def test_quantized_remote_tokens_change_the_output_and_one_device_does_not():
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 16))
-    astra = apply_astra(copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2,
-                                                          codebook_size=4))
+    astra = apply_astra(
+        copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2, codebook_size=4)
+    )
     x = astra.model.embed(ids)
     calibrate_(astra, lambda: astra.forward_hidden(x, None))
     with torch.no_grad():
@@ -174,8 +192,17 @@ def _lockstep_vs_simulation(model, inputs_x, astra_cfg, num_devices, method="ast
     def fn(rank, world_size, comm):
         local = share_weights_copy(astra.model)
         with torch.no_grad():
-            return rank_forward(rank, world_size, comm, local, astra.quantizers, x_full, seq,
-                                method=method, overlap=overlap)
+            return rank_forward(
+                rank,
+                world_size,
+                comm,
+                local,
+                astra.quantizers,
+                x_full,
+                seq,
+                method=method,
+                overlap=overlap,
+            )
 
     link = LinkConfig(bandwidth_mbps=10.0, latency_ms=20.0)
     outs, clocks, computes = run_lockstep(fn, num_devices, link)
@@ -211,8 +238,9 @@ def test_lockstep_runtime_matches_simulation_vit(class_tokens):
         content = idx >= seq.num_replicas
         # content tokens: expanded index i corresponds to pooled-sequence index i - N + 1
         shift = seq.num_replicas - 1 if seq.num_replicas else 0
-        torch.testing.assert_close(out[:, content], sim_pooled[:, idx[content] - shift],
-                                   rtol=0, atol=ATOL_RUNTIME)
+        torch.testing.assert_close(
+            out[:, content], sim_pooled[:, idx[content] - shift], rtol=0, atol=ATOL_RUNTIME
+        )
 
 
 def test_full_precision_sequence_parallel_is_exact():
@@ -240,15 +268,20 @@ def test_gloo_runtime_matches_simulation(world_size):
 
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 22))).detach()
-    astra = apply_astra(copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2,
-                                                          codebook_size=16))
+    astra = apply_astra(
+        copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    )
     calibrate_(astra, lambda: astra.forward_hidden(x, None))
     placement = PlacementConfig(world_size)
     with torch.no_grad():
         sim = astra.forward_hidden(x, placement)
     seq = build_sequence_layout(x.shape[1], placement, "none")
-    results = spawn(_gloo_worker, world_size,
-                    args=(astra.model, astra.quantizers, x, seq, "astra"), timeout_s=120)
+    results = spawn(
+        _gloo_worker,
+        world_size,
+        args=(astra.model, astra.quantizers, x, seq, "astra"),
+        timeout_s=120,
+    )
     for rank, (out, stats) in enumerate(results):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from astra.net.comm import CommStats, PeerFailure, _as_bytes, _from_bytes
+from astra.net.comm import CommStats, PeerFailure, as_bytes, from_bytes
 from astra.net.link import LinkConfig
 
 
@@ -180,8 +180,12 @@ class LockstepComm:
         received = sum(m.payload.numel() for j, m in coll.messages.items() if j != self.rank)
         if coll.op == "all_reduce":
             received = received * 2 / n
-        self.stats.add(comm_ms=waited * 1e3, wait_ms=waited * 1e3, emulated_ms=waited * 1e3,
-                       bytes_received=int(round(received)))
+        self.stats.add(
+            comm_ms=waited * 1e3,
+            wait_ms=waited * 1e3,
+            emulated_ms=waited * 1e3,
+            bytes_received=int(round(received)),
+        )
         out = [coll.messages[j].payload for j in range(n)]
         self._resume()
         return out
@@ -192,23 +196,23 @@ class LockstepComm:
     def all_gather_tensor(self, x: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
         shape = list(x.shape)
         dim = dim % len(shape)
-        row_bytes = x.element_size() * math.prod(shape[:dim] + shape[dim + 1:])
+        row_bytes = x.element_size() * math.prod(shape[:dim] + shape[dim + 1 :])
         out = []
-        for part in self.all_gather_bytes(_as_bytes(x)):
+        for part in self.all_gather_bytes(as_bytes(x)):
             shape[dim] = part.numel() // row_bytes
-            out.append(_from_bytes(part, x.dtype, list(shape), x.device))
+            out.append(from_bytes(part, x.dtype, list(shape), x.device))
         return out
 
     def all_reduce_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self.start_all_gather_bytes(_as_bytes(x), op="all_reduce").wait()
-        total = _from_bytes(parts[0], x.dtype, list(x.shape), x.device).clone()
+        parts = self.start_all_gather_bytes(as_bytes(x), op="all_reduce").wait()
+        total = from_bytes(parts[0], x.dtype, list(x.shape), x.device).clone()
         for part in parts[1:]:
-            total += _from_bytes(part, x.dtype, list(x.shape), x.device)
+            total += from_bytes(part, x.dtype, list(x.shape), x.device)
         return total
 
     def send_tensor(self, x: torch.Tensor, dst: int) -> None:
         self._charge_compute()
-        payload = _as_bytes(x).clone()
+        payload = as_bytes(x).clone()
         send_s = self._reserve_uplink(payload.numel())
         box = self.group.mailboxes.setdefault((self.rank, dst), [])
         box.append(_Message(x.detach().clone(), send_s))
@@ -222,8 +226,13 @@ class LockstepComm:
         msg = box.pop(0)
         num_bytes = msg.payload.numel() * msg.payload.element_size()
         waited = self._advance_to(msg.send_s + self.link.transfer_time_s(num_bytes, 1))
-        self.stats.add(comm_ms=waited * 1e3, wait_ms=waited * 1e3, emulated_ms=waited * 1e3,
-                       num_messages=1, bytes_received=num_bytes)
+        self.stats.add(
+            comm_ms=waited * 1e3,
+            wait_ms=waited * 1e3,
+            emulated_ms=waited * 1e3,
+            num_messages=1,
+            bytes_received=num_bytes,
+        )
         self._resume()
         return msg.payload
 
@@ -265,7 +274,9 @@ def run_lockstep(fn, world_size: int, link: LinkConfig, args=(), timeout_s: floa
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world_size)]
+        threads = [
+            threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world_size)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -277,7 +288,7 @@ def run_lockstep(fn, world_size: int, link: LinkConfig, args=(), timeout_s: floa
     for rank, err in enumerate(errors):
         if err is not None and not isinstance(err, PeerFailure):
             raise RuntimeError(f"lockstep rank {rank} failed: {err!r}") from err
-    for rank, err in enumerate(errors):
+    for err in errors:
         if err is not None:
             raise err
     return results, list(group.clock_s), list(group.compute_s)

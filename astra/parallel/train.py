@@ -1,0 +1,210 @@
+"""Calibration (training-free), fine-tuning and evaluation of ASTRA, in simulation (paper §3).
+
+- `calibrate_`: K-means codebooks from the model's own full-precision activations and NAQ noise
+  fitted to the residuals; no gradient step. The paper always fine-tunes; this mode is ours.
+- `finetune`: task loss + commitment (Eq. 2, summed over blocks) + NAQ + distributed class
+  tokens, optionally distilled from the frozen full-precision model; resumable checkpoints.
+- `evaluate`: one metric for the full-precision model or ASTRA on N simulated devices.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from astra.parallel.placement import PlacementConfig
+from astra.parallel.simulate import AstraModel
+from astra.tasks import SentenceEmbedding, Task
+
+
+@torch.no_grad()
+def calibrate_(
+    astra: AstraModel,
+    task: Task,
+    *,
+    num_sequences: int = 64,
+    max_samples: int = 16384,
+    kmeans_iters: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fit every codebook by K-means on its block's full-precision inputs, then the NAQ noise.
+
+    Returns per-block relative quantization error ||x - x_hat||^2 / ||x||^2 (one per codebook).
+    """
+    astra.eval()
+    batches = list(task.batches("train", num_sequences))
+    recorded = astra.record_quant_inputs(
+        lambda: [
+            astra.forward_hidden(task.embed(astra.model, b), None, task.attention_mask(b))
+            for b in tqdm(batches, desc="activations", disable=not progress)
+        ]
+    )
+    gen = torch.Generator().manual_seed(seed)
+    errors = []
+    bar = tqdm(
+        total=sum(len(q.codebooks) for q in astra.quantizers), desc="k-means", disable=not progress
+    )
+    for quantizer, parts in zip(astra.quantizers, recorded):
+        block_errors = []
+        for codebook, noise, samples in zip(quantizer.codebooks, quantizer.noises, parts):
+            if samples.shape[0] > max_samples:
+                samples = samples[torch.randperm(samples.shape[0], generator=gen)[:max_samples]]
+            codebook.kmeans_init_(samples, num_iters=kmeans_iters, seed=seed)
+            residual = samples - codebook.decode(codebook.encode(samples))
+            noise.reset_()
+            noise.fit_(residual)
+            block_errors.append(float(residual.square().sum() / samples.square().sum()))
+            bar.update()
+        errors.append(block_errors)
+    bar.close()
+    return {"relative_error_per_block": errors, "num_sequences": len(batches) and num_sequences}
+
+
+@torch.no_grad()
+def evaluate(
+    astra: AstraModel,
+    task: Task,
+    placement: PlacementConfig | None,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    progress: bool = True,
+) -> float:
+    """The task metric with ASTRA on `placement` (None = the full-precision model)."""
+    astra.eval()
+    total, count = 0.0, 0
+    needs_reference = isinstance(task, SentenceEmbedding)
+    desc = "full precision" if placement is None else f"astra x{placement.num_devices}"
+    for batch in tqdm(task.batches(split, limit), desc=desc, disable=not progress):
+        x = task.embed(astra.model, batch)
+        mask = task.attention_mask(batch)
+        reference = None
+        if needs_reference:
+            reference = task.outputs(astra.model, astra.forward_hidden(x, None, mask))
+        outputs = task.outputs(astra.model, astra.forward_hidden(x, placement, mask))
+        s, n = task.score(outputs, reference, batch)
+        total, count = total + s, count + n
+    return task.finish(total, count)
+
+
+def finetune(
+    astra: AstraModel,
+    task: Task,
+    *,
+    num_devices: int,
+    steps: int,
+    lr: float = 1e-5,
+    placement_kind: str = "contiguous",
+    distill_weight: float = 0.0,
+    train_limit: int | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    seed: int = 0,
+    progress: bool = True,
+    on_checkpoint=None,
+) -> list[dict]:
+    """Fine-tune the model and codebooks under ASTRA (paper Eq. 2 + NAQ + DCT).
+
+    Loss = task loss (or, for the embedding task, 1 - cos to the teacher)
+         + distill_weight * KL(teacher || student) on the outputs (0 = off)
+         + sum over blocks of beta * ||x - sg(x_hat)||^2.
+    Codebooks follow their inputs by EMA (no codebook loss term, as in the paper). With
+    `checkpoint`, training state is saved every `checkpoint_every` steps and resumed from it.
+    `on_checkpoint(step)` lets the caller also write an artefact.
+    """
+    torch.manual_seed(seed)
+    teacher = None
+    if distill_weight > 0 or isinstance(task, SentenceEmbedding):
+        teacher = copy.deepcopy(astra).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    params = [p for p in astra.model.parameters() if p.requires_grad]
+    probe = getattr(task, "probe", None)
+    if probe is not None:
+        params += list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    history: list[dict] = []
+    start = 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        astra.load_state_dict(state["astra"])
+        opt.load_state_dict(state["optimizer"])
+        if probe is not None and state.get("probe") is not None:
+            probe.load_state_dict(state["probe"])
+        start, history = state["step"], state["history"]
+    schedule = lambda step: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))  # noqa: E731
+    data = itertools.cycle(list(task.batches("train", train_limit)))
+    for _ in range(start):  # resume at the same place in the data
+        next(data)
+    astra.train()
+    bar = tqdm(
+        range(start, steps), desc="finetune", disable=not progress, initial=start, total=steps
+    )
+    t0 = time.perf_counter()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * schedule(step)
+        batch = next(data)
+        kind = placement_kind if placement_kind != "mixed" else ("random", "contiguous")[step % 2]
+        placement = PlacementConfig(num_devices, kind=kind, seed=seed * 100003 + step)
+        x = task.embed(astra.model, batch)
+        mask = task.attention_mask(batch)
+        outputs = task.outputs(astra.model, astra.forward_hidden(x, placement, mask))
+        reference = None
+        if teacher is not None:
+            with torch.no_grad():
+                x_t = task.embed(teacher.model, batch)
+                reference = task.outputs(teacher.model, teacher.forward_hidden(x_t, None, mask))
+        if isinstance(task, SentenceEmbedding):
+            task_loss = task.loss(outputs, batch, reference)
+        else:
+            task_loss = task.loss(outputs, batch)
+        loss = task_loss + astra.commitment_loss()
+        if distill_weight > 0 and not isinstance(task, SentenceEmbedding):
+            kl = F.kl_div(
+                F.log_softmax(outputs, -1),
+                F.log_softmax(reference, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            if outputs.dim() == 3:
+                kl = kl / outputs.shape[1]  # batchmean over (B, T): per token
+            loss = loss + distill_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        record = {
+            "step": step + 1,
+            "loss": float(loss),
+            "task_loss": float(task_loss),
+            "commit": float(astra.commitment_loss()),
+            "elapsed_s": time.perf_counter() - t0,
+        }
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {
+                    "astra": astra.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "probe": probe.state_dict() if probe is not None else None,
+                    "step": step + 1,
+                    "history": history,
+                },
+                ckpt_path,
+            )
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
+    astra.eval()
+    return history

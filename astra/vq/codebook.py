@@ -1,0 +1,418 @@
+"""Grouped vector-quantization codebook: what crosses the wire in ASTRA.
+
+ASTRA §3.2 (VQ module): every block owns one codebook shared by all devices. A token x (D,) is
+split into G equal sub-vectors (grouped VQ, after HiFi-Codec); each sub-vector is replaced by the
+index of its nearest code, so a token costs G * ceil(log2 K) bits instead of D * 32.
+
+Training follows the paper: K-means initialisation from the model's own activations, EMA codebook
+updates (no codebook loss term), the commitment loss of Eq. 2 and a straight-through estimator.
+All distance and EMA maths runs in float32 whatever the input dtype (vector-quantize-pytorch
+disables autocast for the same reason: half-precision ||x||^2 - 2 x e^T cancels badly).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CodebookConfig", "GroupedCodebook", "table_sum"]
+
+# Floats in one (G, m, K) distance block: 2^22 * 4 B = 16 MiB, so encoding 100k tokens with
+# K=1024 never materialises the full (G, N, K) distance matrix.
+_DIST_CHUNK_ELEMENTS = 1 << 22
+# k-means++ seeding is sequential in K; it runs on a random pool of at most this many points per
+# code, then Lloyd iterations on all samples refine the centres.
+_SEED_POOL_PER_CODE = 4
+
+
+def _divisor_hint(dim: int, num_groups: int) -> str:
+    divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+    below = [d for d in divisors if d < num_groups]
+    above = [d for d in divisors if d > num_groups]
+    nearest = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    shown = ", ".join(map(str, divisors)) if len(divisors) <= 24 else "..."
+    return f"nearest valid: {', '.join(map(str, nearest))} (all divisors of {dim}: {shown})"
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    dim: int  # D: width of the vectors being quantized
+    num_groups: int = 1  # G: sub-vectors per token, each with its own codebook (must divide D)
+    codebook_size: int = 1024  # K: codes per group; paper uses 1024 = 10 bits
+    ema_decay: float = 0.99  # EMA decay of cluster sizes / sums (not given in the paper)
+    eps: float = 1e-5  # Laplace smoothing of cluster sizes, avoids division by zero
+    # EMA cluster size (tokens per update) below which a code is restarted from a random input of
+    # the current batch. 1e-2 only revives codes that got no token for ~460 updates at decay 0.99
+    # (0.99^460 ~ 0.01), so rare-but-used codes are left alone; 0 disables restarts.
+    dead_code_threshold: float = 1e-2
+    # beta of Eq. 2; tiny because VQ sits in every block (§3.2: 1e-4..5e-4, 0.25 hurts).
+    commitment_weight: float = 2e-4
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got dim={self.dim}")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got num_groups={self.num_groups}")
+        if self.dim % self.num_groups != 0:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide dim={self.dim} "
+                f"(remainder {self.dim % self.num_groups}); "
+                f"{_divisor_hint(self.dim, self.num_groups)}"
+            )
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got codebook_size={self.codebook_size}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
+        if not self.eps > 0.0:
+            raise ValueError(f"eps must be > 0, got eps={self.eps}")
+        if not self.dead_code_threshold >= 0.0:
+            raise ValueError(
+                f"dead_code_threshold must be >= 0, got dead_code_threshold="
+                f"{self.dead_code_threshold}"
+            )
+        if not self.commitment_weight >= 0.0:
+            raise ValueError(
+                f"commitment_weight must be >= 0, got commitment_weight={self.commitment_weight}"
+            )
+
+    @property
+    def group_dim(self) -> int:
+        return self.dim // self.num_groups
+
+    @property
+    def bits_per_code(self) -> int:
+        # ceil(log2 K) in exact integer arithmetic (float log2 misrounds near powers of two)
+        return (self.codebook_size - 1).bit_length()
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.num_groups * self.bits_per_code
+
+
+def _nearest(x: Tensor, embed: Tensor) -> tuple[Tensor, Tensor]:
+    """x (G, M, Dg), embed (G, K, Dg), both float32 -> codes (G, M) int64, sq_dist (G, M).
+
+    ||x - e||^2 = ||x||^2 - 2 x e^T + ||e||^2; ||x||^2 is constant per row, so the argmin only
+    needs ||e||^2 - 2 x e^T (one batched matmul). Chunked over M to bound memory.
+    """
+    num_groups, num_tokens, _ = x.shape
+    size = embed.shape[1]
+    e_sq = embed.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K)
+    e_t = embed.transpose(1, 2)  # (G, Dg, K)
+    step = max(1, _DIST_CHUNK_ELEMENTS // (num_groups * size))
+    codes = torch.empty(num_groups, num_tokens, dtype=torch.long, device=x.device)
+    dists = torch.empty(num_groups, num_tokens, dtype=x.dtype, device=x.device)
+    for start in range(0, num_tokens, step):
+        xc = x[:, start : start + step]  # (G, m, Dg)
+        partial = torch.baddbmm(e_sq, xc, e_t, alpha=-2.0)  # (G, m, K)
+        best, idx = partial.min(dim=-1)  # first index on ties: deterministic codes
+        codes[:, start : start + step] = idx
+        dists[:, start : start + step] = (best + xc.pow(2).sum(-1)).clamp_min_(0.0)
+    return codes, dists
+
+
+def _group_sums(x: Tensor, codes: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """x (G, M, Dg), codes (G, M) -> counts (G, K) float32, sums (G, K, Dg) float32."""
+    num_groups, _, group_dim = x.shape
+    offsets = torch.arange(num_groups, device=x.device).unsqueeze(1) * size  # (G, 1)
+    flat = (codes + offsets).reshape(-1)  # (G*M,) row index into a (G*K, Dg) table
+    counts = torch.bincount(flat, minlength=num_groups * size).to(x.dtype)
+    sums = x.new_zeros(num_groups * size, group_dim).index_add_(0, flat, x.reshape(-1, group_dim))
+    # (G*K,) -> (G, K) and (G*K, Dg) -> (G, K, Dg)
+    return counts.reshape(num_groups, size), sums.reshape(num_groups, size, group_dim)
+
+
+class GroupedCodebook(nn.Module):
+    """G independent codebooks of K codes of width D/G; `codes (..., G)` are what is sent.
+
+    Buffers (all in the state_dict): `embed (G, K, D/G)`, EMA `cluster_size (G, K)` and
+    `embed_avg (G, K, D/G)`, and `initted` (K-means init done). Keep the module in float32 even
+    when the model runs in half precision: the EMA sums need it.
+    """
+
+    embed: Tensor
+    cluster_size: Tensor
+    embed_avg: Tensor
+    initted: Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        num_groups: int = 1,
+        codebook_size: int = 1024,
+        *,
+        ema_decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_code_threshold: float = 1e-2,
+        commitment_weight: float = 2e-4,
+    ) -> None:
+        super().__init__()
+        self.config = CodebookConfig(
+            dim=dim,
+            num_groups=num_groups,
+            codebook_size=codebook_size,
+            ema_decay=ema_decay,
+            eps=eps,
+            dead_code_threshold=dead_code_threshold,
+            commitment_weight=commitment_weight,
+        )
+        shape = (num_groups, codebook_size, self.config.group_dim)
+        # Placeholder until kmeans_init_ (explicit, or lazily on the first training forward).
+        embed = torch.randn(shape)
+        self.register_buffer("embed", embed)
+        self.register_buffer("cluster_size", torch.ones(shape[:2]))
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("initted", torch.tensor(False))
+
+    @classmethod
+    def from_config(cls, config: CodebookConfig) -> GroupedCodebook:
+        return cls(**asdict(config))
+
+    @property
+    def bits_per_code(self) -> int:
+        return self.config.bits_per_code
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.config.bits_per_token
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c.dim}, num_groups={c.num_groups}, codebook_size={c.codebook_size}"
+
+    # -- encode / decode -----------------------------------------------------------------------
+
+    def _to_groups(self, x: Tensor) -> Tensor:
+        """x (..., D) any float dtype -> (G, M, Dg) float32, detached."""
+        if x.shape[-1] != self.config.dim:
+            raise ValueError(f"expected last dim {self.config.dim}, got shape {tuple(x.shape)}")
+        g, dg = self.config.num_groups, self.config.group_dim
+        # (..., D) -> (M, G, Dg) -> (G, M, Dg)
+        return x.detach().float().reshape(-1, g, dg).transpose(0, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x (..., D) -> codes (..., G) int64 in [0, K): nearest code per group (squared L2)."""
+        codes, _ = _nearest(self._to_groups(x), self.embed.float())  # (G, M)
+        return codes.t().reshape(*x.shape[:-1], self.config.num_groups)  # (M, G) -> (..., G)
+
+    def decode(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """codes (..., G) -> x_hat (..., D) in `dtype` (default: the codebook's, float32).
+
+        Out-of-range codes raise (IndexError on CPU) rather than read a neighbouring group.
+        """
+        g = self.config.num_groups
+        if codes.shape[-1:] != (g,) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise ValueError(
+                f"expected integer codes (..., {g}), got {codes.dtype} {tuple(codes.shape)}"
+            )
+        flat = codes.reshape(-1, g).long()  # (M, G)
+        group = torch.arange(g, device=codes.device).unsqueeze(0)  # (1, G)
+        x_hat = self.embed[group, flat]  # (M, G, Dg)
+        x_hat = x_hat.reshape(*codes.shape[:-1], self.config.dim)  # (M, G, Dg) -> (..., D)
+        return x_hat if dtype is None else x_hat.to(dtype)
+
+    def forward(self, x: Tensor, *, update: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., D) -> (x_q (..., D) in x.dtype, codes (..., G), commit_loss scalar float32).
+
+        x_q has the value of decode(codes) exactly and the gradient of x (straight-through
+        estimator). commit_loss = beta * mean over all elements of (x - sg(x_hat))^2 (Eq. 2):
+        averaging over tokens *and* dims keeps beta independent of D, G, batch and sequence
+        length, which is how VQ-VAE code computes it (F.mse_loss), i.e. the scale on which the
+        paper compares its beta with the VQ-VAE default 0.25. The EMA update (and the lazy K-means
+        init on the first batch) runs only when self.training and update.
+        """
+        do_update = self.training and update
+        if do_update and not bool(self.initted):
+            self.kmeans_init_(x.detach().reshape(-1, self.config.dim))
+        codes = self.encode(x)
+        x_hat = self.decode(codes)  # float32, from the codebook *before* this step's update
+        if x.numel() > 0:
+            diff = x.float() - x_hat  # x_hat is a buffer lookup: already no gradient (sg)
+            commit_loss = self.config.commitment_weight * diff.pow(2).mean()
+        else:
+            commit_loss = x.new_zeros((), dtype=torch.float32)
+        if do_update:
+            self._ema_update_(x, codes)
+        x_hat = x_hat.to(x.dtype)
+        if x.requires_grad:
+            # Straight-through: value x_hat, gradient of x. Same as x + (x_hat - x).detach() but
+            # exact in floating point (x - x.detach() == 0 exactly), so x_q equals decode(codes)
+            # bit for bit in training too (against the codebook before this step's EMA update).
+            x_hat = x_hat + (x - x.detach())
+        return x_hat, codes, commit_loss
+
+    # -- training: EMA, dead codes, K-means ----------------------------------------------------
+
+    @torch.no_grad()
+    def _ema_update_(self, x: Tensor, codes: Tensor) -> None:
+        c = self.config
+        x_g = self._to_groups(x)  # (G, M, Dg)
+        codes_g = codes.reshape(-1, c.num_groups).t()  # (..., G) -> (M, G) -> (G, M)
+        counts, sums = _group_sums(x_g, codes_g, c.codebook_size)
+        weight = 1.0 - c.ema_decay
+        self.cluster_size.lerp_(counts, weight)
+        self.embed_avg.lerp_(sums, weight)
+        # Laplace smoothing: never divide by an empty cluster, total mass preserved.
+        total = self.cluster_size.sum(-1, keepdim=True)  # (G, 1)
+        size = c.codebook_size
+        smoothed = (self.cluster_size + c.eps) / (total + size * c.eps) * total  # (G, K)
+        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(-1))
+        self._restart_dead_codes_(x_g)
+
+    @torch.no_grad()
+    def _restart_dead_codes_(self, x_g: Tensor) -> None:
+        """Move codes whose EMA cluster size fell below the threshold onto random inputs.
+
+        Vectorised with torch.where (no host sync): every code draws a candidate, only dead
+        codes take it. A restarted code gets cluster size max(1, 2 * threshold), a grace period
+        of several hundred updates at decay 0.99 to attract tokens before it can die again.
+        """
+        threshold = self.config.dead_code_threshold
+        num_groups, num_tokens, _ = x_g.shape
+        if threshold <= 0.0 or num_tokens == 0:
+            return
+        dead = self.cluster_size < threshold  # (G, K)
+        pick = torch.randint(num_tokens, dead.shape, device=x_g.device)  # (G, K)
+        group = torch.arange(num_groups, device=x_g.device).unsqueeze(1)  # (G, 1)
+        samples = x_g[group, pick]  # (G, K, Dg)
+        reset = max(1.0, 2.0 * threshold)
+        self.embed.copy_(torch.where(dead.unsqueeze(-1), samples, self.embed))
+        self.embed_avg.copy_(torch.where(dead.unsqueeze(-1), samples * reset, self.embed_avg))
+        self.cluster_size.masked_fill_(dead, reset)
+
+    @torch.no_grad()
+    def kmeans_init_(
+        self, samples: Tensor, num_iters: int = 10, seed: int = 0, init: str = "kmeans++"
+    ) -> None:
+        """Per-group K-means on activations `samples (N, D)` (§3.2: init from the pretrained model).
+
+        init: "kmeans++" (seeding on a random pool of <= 4K points) or "random" (K distinct
+        samples). Then `num_iters` Lloyd iterations on all samples; empty clusters are re-seeded
+        at the points farthest from their centre. N < K: warns and uses every sample once plus
+        random repeats (sampling with replacement), so the samples are quantized exactly.
+        """
+        if init not in ("kmeans++", "random"):
+            raise ValueError(f"init must be 'kmeans++' or 'random', got init={init!r}")
+        if num_iters < 0:
+            raise ValueError(f"num_iters must be >= 0, got num_iters={num_iters}")
+        x = self._to_groups(samples).contiguous()  # (G, N, Dg)
+        num_groups, num_samples, _ = x.shape
+        size = self.config.codebook_size
+        if num_samples == 0:
+            raise ValueError("kmeans_init_ needs at least one sample, got N=0")
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        group = torch.arange(num_groups, device=x.device).unsqueeze(1)  # (G, 1)
+        if num_samples < size:
+            warnings.warn(
+                f"kmeans_init_: N={num_samples} samples < codebook_size K={size}; "
+                "sampling codes with replacement (duplicate codes)",
+                stacklevel=2,
+            )
+            extra = torch.randint(
+                num_samples, (size - num_samples,), generator=gen, device=x.device
+            )
+            pick = torch.cat([torch.arange(num_samples, device=x.device), extra])  # (K,)
+            centers = x[:, pick]  # (G, K, Dg)
+        elif init == "random":
+            order = torch.rand(num_groups, num_samples, generator=gen, device=x.device)
+            centers = x[group, order.argsort(dim=1)[:, :size]]  # (G, K, Dg)
+        else:
+            centers = _kmeans_plus_plus(x, size, gen)
+        if num_samples >= size:
+            for _ in range(num_iters):
+                codes, dists = _nearest(x, centers)
+                centers = _lloyd_centers(x, codes, dists, centers.shape[1])
+        codes, _ = _nearest(x, centers)
+        counts, _ = _group_sums(x, codes, size)
+        self.embed.copy_(centers)
+        self.cluster_size.copy_(counts)
+        self.embed_avg.copy_(centers * counts.unsqueeze(-1))
+        self.initted.fill_(True)
+
+    # -- runtime fast path -----------------------------------------------------------------------
+
+    def lookup_table(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Project every code once: table (G, K, D_out) with
+        `table_sum(table, codes) == decode(codes) @ weight.T + bias` (up to float rounding).
+
+        A receiver rebuilds remote K/V (§3.1: K_hat, V_hat are linear projections of X_hat) with
+        G row lookups and adds per token instead of a D x D_out matmul. The bias is folded into
+        group 0 so that it is added exactly once. Memory G*K*D_out: worth it when G*K <~ D*T_remote.
+        """
+        d_out, d_in = weight.shape
+        if d_in != self.config.dim:
+            raise ValueError(
+                f"weight must be (D_out, {self.config.dim}), got {tuple(weight.shape)}"
+            )
+        g, dg = self.config.num_groups, self.config.group_dim
+        # (D_out, D) -> (D_out, G, Dg) -> (G, Dg, D_out)
+        w = weight.float().reshape(d_out, g, dg).permute(1, 2, 0)
+        table = torch.bmm(self.embed.float(), w)  # (G, K, D_out)
+        if bias is not None:
+            table[0] += bias.float()
+        return table.to(weight.dtype)
+
+
+def table_sum(table: Tensor, codes: Tensor) -> Tensor:
+    """table (G, K, D_out) from `lookup_table`, codes (..., G) -> (..., D_out).
+
+    Gathers table[g, codes[..., g]] and sums over g in one fused embedding_bag. Codes must be in
+    [0, K): a code >= K would read the next group's rows (not checked, to avoid a host sync).
+    """
+    num_groups, size, d_out = table.shape
+    offsets = torch.arange(num_groups, device=codes.device) * size  # (G,)
+    flat = codes.reshape(-1, num_groups).long() + offsets  # (M, G) rows of the (G*K, D_out) table
+    if flat.shape[0] == 0:
+        return table.new_zeros(*codes.shape[:-1], d_out)
+    out = F.embedding_bag(flat, table.reshape(-1, d_out), mode="sum")  # (M, D_out)
+    return out.reshape(*codes.shape[:-1], d_out)
+
+
+def _kmeans_plus_plus(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """x (G, N, Dg) -> centres (G, K, Dg) by k-means++ seeding, all groups at once."""
+    num_groups, num_samples, group_dim = x.shape
+    group = torch.arange(num_groups, device=x.device)  # (G,)
+    pool_size = min(num_samples, _SEED_POOL_PER_CODE * size)
+    order = torch.rand(num_groups, num_samples, generator=gen, device=x.device)
+    pool = x[group.unsqueeze(1), order.argsort(dim=1)[:, :pool_size]]  # (G, P, Dg)
+    pool_sq = pool.pow(2).sum(-1)  # (G, P)
+    centers = x.new_empty(num_groups, size, group_dim)
+    pick = torch.randint(pool_size, (num_groups,), generator=gen, device=x.device)  # (G,)
+    min_d = x.new_full((num_groups, pool_size), float("inf"))
+    for k in range(size):
+        if k > 0:
+            # D^2 sampling by inverse CDF (several times cheaper than torch.multinomial per row);
+            # rows whose points all coincide with centres fall back to uniform.
+            weights = torch.where(min_d.sum(1, keepdim=True) > 0, min_d, torch.ones_like(min_d))
+            cdf = weights.cumsum(dim=1)  # (G, P)
+            u = torch.rand(num_groups, 1, generator=gen, device=x.device) * cdf[:, -1:]  # (G, 1)
+            # right=True: first index with cdf > u, so a zero-weight point (a centre) is never drawn
+            pick = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(pool_size - 1)
+        c = pool[group, pick]  # (G, Dg)
+        centers[:, k] = c
+        cross = torch.bmm(pool, c.unsqueeze(-1)).squeeze(-1)  # (G, P, Dg) @ (G, Dg, 1) -> (G, P)
+        d = (pool_sq - 2.0 * cross + c.pow(2).sum(-1, keepdim=True)).clamp_min_(0.0)
+        min_d = torch.minimum(min_d, d)
+    return centers
+
+
+def _lloyd_centers(x: Tensor, codes: Tensor, dists: Tensor, size: int) -> Tensor:
+    """One Lloyd update: x (G, N, Dg), assignment codes/dists (G, N) -> centres (G, K, Dg).
+
+    An empty cluster is re-seeded at a point badly served by the current centres: the r-th empty
+    cluster of a group takes that group's r-th farthest point (distinct points, no host sync).
+    Needs N >= K.
+    """
+    num_groups = x.shape[0]
+    counts, sums = _group_sums(x, codes, size)
+    centers = sums / counts.clamp_min(1.0).unsqueeze(-1)  # (G, K, Dg)
+    empty = counts == 0  # (G, K)
+    far = dists.topk(size, dim=1).indices  # (G, K) point indices, farthest first
+    rank = (empty.long().cumsum(dim=1) - 1).clamp_min_(0)  # (G, K) r-th empty cluster -> r
+    group = torch.arange(num_groups, device=x.device).unsqueeze(1)  # (G, 1)
+    seeds = x[group, far.gather(1, rank)]  # (G, K, Dg)
+    return torch.where(empty.unsqueeze(-1), seeds, centers)
