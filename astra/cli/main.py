@@ -1,4 +1,8 @@
-"""`astra` command line: argparse top level; each subcommand lives in its own module."""
+"""Astra: one Transformer inference spread over several weakly connected devices (ASTRA).
+
+Start with `astra run` (the main job on a built-in default), `astra models list`, or
+`astra COMMAND --help`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import argparse
 
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
+from astra.cli.run_cmd import add_run_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astra", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_models_parser(sub).set_defaults(runner=run_models)
+    add_run_parser(sub)
     return parser
 
 

@@ -345,6 +345,10 @@ class Communicator:
                        num_messages=1, bytes_received=num_bytes)
         return from_bytes(payload, dtype, shape, payload.device)
 
+    def now(self) -> float:
+        """Wall-clock seconds for timing a phase (the lockstep communicator's is virtual)."""
+        return time.perf_counter()
+
     def barrier(self) -> None:
         """Synchronise all ranks (not charged to the link, not counted in stats)."""
         work = self._call("barrier", lambda: dist.barrier(group=self.group, async_op=True))

@@ -237,7 +237,24 @@ class LockstepComm:
         return msg.payload
 
     def barrier(self) -> None:
-        self.all_gather_bytes(torch.zeros(0, dtype=torch.uint8))
+        """All ranks meet; clocks move to the latest one (control traffic, not charged)."""
+        self._charge_compute()
+        self._seq += 1
+        coll = self.group.collectives.setdefault(self._seq, _Collective("barrier"))
+        coll.messages[self.rank] = _Message(torch.zeros(0, dtype=torch.uint8),
+                                            self.group.clock_s[self.rank])
+        self._block_until(lambda: len(coll.messages) == self.world_size)
+        self._advance_to(max(m.send_s for m in coll.messages.values()))
+        self._resume()
+
+    def now(self) -> float:
+        """This rank's virtual time in seconds (compute so far charged)."""
+        self._charge_compute()
+        self._resume()
+        return self.group.clock_s[self.rank]
+
+    def wait_sends(self) -> None:
+        """Sends are delivered by the shared mailboxes; nothing to flush."""
 
 
 def share_weights_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -55,6 +55,7 @@ class RankAttention(nn.Module):
         self.layout = layout
         self.comm = comm
         self.overlap = overlap
+        self.capture: dict | None = None  # set on the decode device before the last prefill
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         lay, attn = self.layout, self.inner
@@ -73,8 +74,8 @@ class RankAttention(nn.Module):
         remote_pos = lay.remote_positions
         k_hat = attn.rotate(k_hat, remote_pos)
         remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
-        if cache is not None:
-            cache.store(k, v, k_hat, v_hat, positions, remote_pos)
+        if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
+            self.capture.update(k=k, v=v, payloads=payloads, remote_positions=remote_pos)
         if not self.overlap:
             mask_all = None
             if lay.causal:
@@ -98,6 +99,53 @@ class RankAttention(nn.Module):
             empty = torch.zeros(1, attn.num_kv_heads, 0, attn.head_dim)
             return empty, empty.clone()
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (1, Hkv, T_remote, hd)
+
+
+class DecodeAttention(nn.Module):
+    """Attention on the decode device after a distributed prefill (paper §3.1 step 4, App. G).
+
+    Local keys/values stay exact and grow with each generated token; the other devices' keys
+    and values are kept as the payloads that arrived during prefill (codes, for ASTRA) and
+    rebuilt at every step, so the cache holds G*log2K bits per remote token instead of
+    2*Dkv floats. For the "kv" point rebuilding is a table lookup plus RoPE.
+    """
+
+    def __init__(self, rank_attention: RankAttention, captured: dict):
+        super().__init__()
+        self.inner = rank_attention.inner
+        self.codec = rank_attention.codec
+        self.layout = rank_attention.layout
+        self.k, self.v = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
+        self.payloads = captured["payloads"]
+        self.remote_positions = captured["remote_positions"]
+
+    def cache_bytes(self) -> dict:
+        local = (self.k.numel() + self.v.numel()) * self.k.element_size()
+        remote = sum(
+            p.numel() for j, p in enumerate(self.payloads) if j != self.layout.rank
+        )
+        return {"local_exact_bytes": local, "remote_code_bytes": remote}
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
+        attn = self.inner
+        q, k, v = attn.project(x)  # (1, H, 1, hd), (1, Hkv, 1, hd)
+        q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+        self.k = torch.cat([self.k, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        ks, vs = [], []
+        for j, payload in enumerate(self.payloads):
+            if j == self.layout.rank or self.layout.send_counts[j] == 0:
+                continue
+            k_j, v_j = self.codec.decode_kv(attn, payload, self.layout.send_counts[j])
+            ks.append(k_j)
+            vs.append(v_j)
+        k_all, v_all = self.k, self.v
+        if ks:
+            k_hat = attn.rotate(torch.cat(ks, dim=2), self.remote_positions)
+            k_all = torch.cat([k_hat, k_all], dim=2)
+            v_all = torch.cat([torch.cat(vs, dim=2), v_all], dim=2)
+        # every cached token precedes the new one: no mask
+        return attn.attend(q, k_all, v_all, None)
 
 
 def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

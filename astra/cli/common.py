@@ -1,0 +1,100 @@
+"""Pieces every `astra` subcommand shares: link flags, error reporting, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from astra.net.link import parse_bandwidth, parse_latency
+
+
+def bandwidth_arg(text: str) -> float:
+    try:
+        return parse_bandwidth(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def latency_arg(text: str) -> float:
+    try:
+        return parse_latency(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers like 1,2,4, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1 like 1,2,4, got {text!r}")
+    return values
+
+
+def add_link_args(parser: argparse.ArgumentParser, bandwidth="10mbit", latency="20ms") -> None:
+    parser.add_argument(
+        "--bandwidth",
+        type=bandwidth_arg,
+        default=parse_bandwidth(bandwidth),
+        metavar="RATE",
+        help=f"each device's uplink, e.g. 10mbit, 100mbit, 1gbit, inf (default {bandwidth}); "
+        "every message pays latency + bytes*8/bandwidth on top of the real transport",
+    )
+    parser.add_argument(
+        "--latency",
+        type=latency_arg,
+        default=parse_latency(latency),
+        metavar="TIME",
+        help=f"one-way latency per message, e.g. 20ms, 0.5s, 0 (default {latency})",
+    )
+
+
+def write_json(path: str | Path | None, obj) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def fail(message: str) -> int:
+    print(f"astra: error: {message}", file=sys.stderr)
+    return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, reported as one line instead of a traceback."""
+    from astra.datasets import DataNotFoundError
+    from astra.hub import HubError
+    from astra.net.comm import PeerFailure
+    from astra.net.launch import WorkerFailure
+    from astra.parallel.artefact import ArtefactMismatchError
+
+    return (ValueError, FileNotFoundError, HubError, DataNotFoundError, ArtefactMismatchError,
+            PeerFailure, WorkerFailure, NotImplementedError)

@@ -1,0 +1,143 @@
+"""`astra run`: the main job (distributed inference on N devices, measured side by side)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from astra.cli.common import add_link_args, fail, positive_int, user_errors, write_json
+from astra.runner import METHODS, MODES, RunConfig, run_inference
+
+EPILOG = """\
+examples:
+  astra run                                   # SmolLM2-135M, 2 devices, 10 Mbit/s, 20 ms
+  astra run --devices 4 --bandwidth 100mbit   # 4 devices (composed mode on a 2-core machine)
+  astra run --model dinov2-s --tokens 1025    # a ViT: 448 px photo, 1024 patches + CLS
+  astra run --methods single,astra,sp-fp32,sp-fp16 --json run.json
+  astra run --artefact ~/.cache/astra/artefacts/my-finetuned.pt
+
+Every method runs on the same input and the same emulated link in this one command, so the
+speed-ups it prints are measured side by side. Over several machines, start one rank per
+machine with torchrun (see README).
+"""
+
+
+def add_run_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "run",
+        help="the main job: ASTRA inference on N devices vs one device and full-precision SP",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="prepared model name (see `astra models list`) or a local HF-format "
+                   "directory (default smollm2-135m)")
+    p.add_argument("--devices", type=positive_int, default=2,
+                   help="number of devices sharing the sequence (default 2)")
+    add_link_args(p)
+    p.add_argument("--tokens", type=positive_int, default=1024,
+                   help="prompt length in tokens for text models (default 1024)")
+    p.add_argument("--image-size", type=positive_int, default=448,
+                   help="ViT input side in pixels; 448 px / patch 14 = 1024 patches + CLS")
+    p.add_argument("--new-tokens", type=positive_int, default=16,
+                   help="tokens to generate after the prefill (decoders; default 16)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (decoders); default: held-out Austen text")
+    p.add_argument("--groups", type=positive_int, default=1,
+                   help="VQ groups G per token (default 1: 10 bits per codebook per token)")
+    p.add_argument("--codebook-size", type=positive_int, default=1024,
+                   help="codes per group K (default 1024)")
+    p.add_argument("--point", choices=["hidden", "kv"], default=None,
+                   help="quantization point (default: kv for Llama, hidden otherwise)")
+    p.add_argument("--artefact", default=None,
+                   help="codebooks from `astra calibrate`/`astra finetune`; default: calibrate "
+                   "once (training-free) and cache")
+    p.add_argument("--methods", default="single,astra,sp-fp32",
+                   help=f"comma-separated subset of {','.join(METHODS)} (default "
+                   "single,astra,sp-fp32)")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="processes: one real process per device; composed: per-device compute "
+                   "measured one at a time and composed with the link model (for more devices "
+                   "than cores); auto picks by core count")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="wait for remote codes before any attention (the paper's serial runtime)")
+    p.add_argument("--tables", action="store_true",
+                   help="rebuild remote K/V with per-code projection tables (hidden point)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds before a stuck collective or run fails (default 600)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(runner=run)
+    return p
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        config = RunConfig(
+            model=args.model, devices=args.devices, bandwidth_mbps=args.bandwidth,
+            latency_ms=args.latency, tokens=args.tokens, image_size=args.image_size,
+            new_tokens=args.new_tokens, groups=args.groups, codebook_size=args.codebook_size,
+            quant_point=args.point, artefact=args.artefact, methods=methods, mode=args.mode,
+            overlap=not args.no_overlap, use_tables=args.tables, timeout_s=args.timeout,
+            prompt=args.prompt,
+        )
+        summary = run_inference(config, log=lambda m: print(m, flush=True))
+    except user_errors() as exc:
+        return fail(str(exc))
+    print_summary(summary)
+    write_json(args.json, summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    cfg = summary["config"]
+    bw = cfg["bandwidth_mbps"]
+    print()
+    print(f"model   {summary['model']}  ({summary['model_dir']})")
+    print(f"input   {summary['input']}")
+    print(f"link    {bw:g} Mbit/s per device, {cfg['latency_ms']:g} ms one-way")
+    if summary.get("artefact"):
+        print(f"codes   {summary['artefact']}")
+    if "prompt_tail" in summary:
+        print(f"\nprompt ends: ...{json.dumps(summary['prompt_tail'])}")
+        for r in summary["records"]:
+            if "completion" in r:
+                print(f"completion ({r['method']:>7}): {json.dumps(r['completion'])}")
+    print()
+    head = (f"{'method':<8} {'dev':>3} {'mode':<9} {'TTFT ms':>9} {'TPOT ms':>8} "
+            f"{'compute ms':>11} {'comm ms':>9} {'wait ms':>9} {'sent/dev':>10} {'speed-up':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in summary["records"]:
+        tpot = f"{r['tpot_ms']:.1f}" if r.get("tpot_ms") is not None else "-"
+        print(
+            f"{r['method']:<8} {r['devices']:>3} {r['mode']:<9} {r['ttft_ms']:>9.1f} {tpot:>8} "
+            f"{max(r['compute_ms_per_device']):>11.1f} {max(r['comm_ms_per_device']):>9.1f} "
+            f"{max(r['wait_ms_per_device']):>9.1f} {_bytes(max(r['bytes_sent_per_device'])):>10} "
+            f"{r.get('speedup_vs_single', float('nan')):>7.2f}x"
+        )
+    astra = next((r for r in summary["records"] if r["method"] == "astra"), None)
+    if astra is not None:
+        parts = []
+        if "speedup_vs_single" in astra:
+            parts.append(f"{astra['speedup_vs_single']:.2f}x faster than one device")
+        if "speedup_vs_sp_fp32" in astra:
+            parts.append(f"{astra['speedup_vs_sp_fp32']:.1f}x faster than full-precision SP")
+        if parts:
+            print(f"\nASTRA prefill: {' and '.join(parts)} (measured in this run).")
+        if astra.get("kv_cache"):
+            c = astra["kv_cache"]
+            print(f"decode-device KV cache: {_bytes(c['local_exact_bytes'])} exact local, "
+                  f"{_bytes(c['remote_code_bytes'])} remote kept as codes")
+    print("TTFT = prefill to first token; compute/comm/wait: slowest device, prefill phase.")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)

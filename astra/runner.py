@@ -1,0 +1,426 @@
+"""The main job: one inference spread over N devices, measured against the alternatives.
+
+`run_inference(RunConfig)` runs, in one go and on the same emulated link:
+- `single`: the whole model on one device (one process, one thread per device),
+- `astra`: ASTRA (codes on the wire, mixed-precision attention, distributed prefill),
+- `sp-fp32` / `sp-fp16`: full-precision sequence parallelism (Voltage),
+and returns one record per method with the output, time to first token (prefill), time per
+output token (decoders), compute/communication/wait time and bytes per device.
+
+Devices are real processes over torch.distributed (`mode="processes"`) when there are enough
+cores, else the composed mode (astra.net.lockstep) that measures each device's compute for real,
+one device at a time, and composes the critical path with the link model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from astra.hub import cache_dir, resolve_model
+from astra.models import KVCache, load_model, load_tokenizer, model_family
+from astra.net.comm import Communicator
+from astra.net.launch import spawn
+from astra.net.link import LinkConfig
+from astra.net.lockstep import run_lockstep, share_weights_copy
+from astra.parallel.artefact import load_astra
+from astra.parallel.config import AstraConfig
+from astra.parallel.engine import (
+    build_rank_layout,
+    build_sequence_layout,
+    expand_class_tokens,
+    install_rank_attention,
+    make_codecs,
+    sequence_parallel_forward,
+)
+from astra.parallel.placement import PlacementConfig
+from astra.parallel.runtime import DecodeAttention
+
+METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
+MODES = ("auto", "processes", "composed")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"  # a prepared model name or any local HF-format directory
+    devices: int = 2  # N devices sharing the sequence
+    bandwidth_mbps: float = 10.0  # each device's uplink
+    latency_ms: float = 20.0  # one-way latency per message
+    tokens: int = 1024  # prompt tokens (decoders) / text tokens (BERT); ViT: see image_size
+    image_size: int = 448  # ViT input side: 448 px / 14 = 32x32 patches + CLS = 1025 tokens
+    new_tokens: int = 16  # tokens generated after the prefill (decoders)
+    groups: int = 1  # G
+    codebook_size: int = 1024  # K
+    quant_point: str | None = None  # None: the family's default ("kv" for Llama, else "hidden")
+    artefact: str | None = None  # codebooks from `astra calibrate/finetune`; None: cached default
+    methods: tuple[str, ...] = ("single", "astra", "sp-fp32")
+    mode: str = "auto"
+    overlap: bool = True  # overlap the code exchange with local attention
+    use_tables: bool = False  # per-code projection tables for the "hidden" point
+    timeout_s: float = 600.0  # every collective, and the whole run
+    prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.tokens < self.devices:
+            raise ValueError(f"tokens={self.tokens} must be >= devices={self.devices}")
+        if self.new_tokens < 1:
+            raise ValueError(f"new_tokens must be >= 1, got {self.new_tokens}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods {list(self.methods)}: each must be one of {METHODS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+
+    @property
+    def link(self) -> LinkConfig:
+        return LinkConfig(bandwidth_mbps=self.bandwidth_mbps, latency_ms=self.latency_ms)
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "processes" if self.devices <= (os.cpu_count() or 1) else "composed"
+
+
+@dataclass
+class Job:
+    """What every rank needs; small and picklable (weights are loaded on each device)."""
+
+    method: str
+    model_dir: str
+    artefact: str | None
+    inputs: dict
+    placement: PlacementConfig
+    class_tokens: str
+    new_tokens: int
+    link: LinkConfig
+    timeout_s: float
+    overlap: bool
+    use_tables: bool
+    decoder: bool
+    model: object = field(default=None, repr=False)  # composed mode: shared weights
+
+
+def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
+    from astra.hub import model_checksum
+
+    tag = model_checksum(model_dir)[:12]
+    return (
+        cache_dir() / "artefacts"
+        / f"{model_dir.name}-{tag}-{config.quant_point}-g{config.num_groups}"
+        f"-k{config.codebook_size}.pt"
+    )
+
+
+def _embed(model, inputs: dict) -> torch.Tensor:
+    if "pixels" in inputs:
+        return model.embed(inputs["pixels"])
+    ids = inputs["input_ids"]
+    if type(model).__name__ == "Bert":
+        return model.embed(ids)
+    return model.embed(ids, torch.arange(ids.shape[1]))
+
+
+def _load(job: Job):
+    model = job.model if job.model is not None else load_model(job.model_dir)
+    quantizers = model.blocks
+    if job.method == "astra":
+        astra = load_astra(job.artefact, model, job.model_dir)
+        quantizers = astra.quantizers
+        model = astra.model
+    return model, quantizers
+
+
+@torch.no_grad()
+def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
+    """One device's whole job: warm up, timed prefill, then decode on the last token's device."""
+    model, quantizers = _load(job)
+    now = comm.now
+    x_full = _embed(model, job.inputs)
+    if job.method == "single":
+        return _single(model, x_full, job, now)
+    seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
+    x_full = expand_class_tokens(x_full, seq.num_replicas)
+    layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
+    codecs = make_codecs(job.method, quantizers, job.use_tables)
+    decode_rank = int(seq.device_of_token[-1])
+    # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
+    warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
+    install_rank_attention(model, codecs, layout, warm or comm, job.overlap)
+    sequence_parallel_forward(model, x_full, layout)
+    install_rank_attention(model, codecs, layout, comm, job.overlap)
+    if job.decoder and rank == decode_rank:
+        for block in model.blocks:
+            block.attn.capture = {}
+    comm.stats.reset()
+    comm.barrier()
+    t0 = now()
+    with comm.stats.phase("prefill"):
+        hidden = sequence_parallel_forward(model, x_full, layout)
+    out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
+    if job.decoder:
+        if rank == decode_rank:
+            logits = model.head(hidden[:, -1:])
+            first = int(logits.argmax(-1))
+            out["ttft_ms"] = (now() - t0) * 1e3
+            steps, tpot, cache = _decode(model, first, x_full.shape[1], job.new_tokens, now)
+            out.update(generated=[first] + steps, tpot_ms=tpot, kv_cache=cache)
+        out["prefill_ms"] = (now() - t0) * 1e3 if "ttft_ms" not in out else out["ttft_ms"]
+    else:
+        with comm.stats.phase("output"):
+            output = _encoder_output(model, hidden, layout, seq, comm)
+        out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
+        out["output"] = output
+    out["comm"] = comm.stats.to_dict()
+    return out
+
+
+def _decode(model, first: int, start: int, new_tokens: int, now):
+    """Greedy decoding on the decode device with the captured cache (remote part as codes)."""
+    for block in model.blocks:
+        block.attn = DecodeAttention(block.attn, block.attn.capture)
+    token, steps = first, []
+    t0 = now()
+    for i in range(new_tokens - 1):
+        pos = torch.tensor([start + i])
+        x = model.embed(torch.tensor([[token]]), pos)
+        for block in model.blocks:
+            x = block(x, pos, None)
+        token = int(model.head(x).argmax(-1))
+        steps.append(token)
+    tpot = (now() - t0) * 1e3 / max(new_tokens - 1, 1)
+    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0}
+    for block in model.blocks:
+        for key, value in block.attn.cache_bytes().items():
+            cache[key] += value
+    return steps, tpot, cache
+
+
+def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
+    """The single-device reference on the same input: full precision, KV cache for decoding."""
+    def prefill(caches):
+        positions = torch.arange(x_full.shape[1])
+        mask = None
+        if getattr(model, "causal", False):
+            from astra.models import causal_mask
+
+            mask = causal_mask(positions, positions)
+        x = x_full
+        for i, block in enumerate(model.blocks):
+            x = block(x, positions, mask, cache=caches[i]) if caches else block(x, positions, mask)
+        return x
+
+    prefill([KVCache() for _ in model.blocks] if job.decoder else None)  # warm-up
+    t0 = now()
+    caches = [KVCache() for _ in model.blocks] if job.decoder else None
+    hidden = prefill(caches)
+    out: dict = {"rank": 0, "tokens": int(x_full.shape[1])}
+    if job.decoder:
+        token = int(model.head(hidden[:, -1:]).argmax(-1))
+        out["ttft_ms"] = (now() - t0) * 1e3
+        generated = [token]
+        t1 = now()
+        for i in range(job.new_tokens - 1):
+            pos = torch.tensor([x_full.shape[1] + i])
+            x = model.embed(torch.tensor([[token]]), pos)
+            for block, cache in zip(model.blocks, caches):
+                x = block(x, pos, None, cache=cache)
+            token = int(model.head(x).argmax(-1))
+            generated.append(token)
+        out["tpot_ms"] = (now() - t1) * 1e3 / max(job.new_tokens - 1, 1)
+        out["generated"] = generated
+        out["prefill_ms"] = out["ttft_ms"]
+    else:
+        out["output"] = _pool(model, model.head(hidden))
+        out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
+    out["comm"] = {"bytes_sent": 0, "bytes_received": 0, "comm_ms": 0.0, "wait_ms": 0.0}
+    return out
+
+
+def _pool(model, final: torch.Tensor) -> torch.Tensor:
+    """Encoder output: the class token (ViT) or the mean of all tokens (BERT)."""
+    if type(model).__name__ == "Bert":
+        return final.mean(dim=1)[0]
+    return final[0, 0]
+
+
+def _encoder_output(model, hidden, layout, seq, comm) -> torch.Tensor:
+    """Gather the pieces of the output every device needs (a few floats per device)."""
+    if type(model).__name__ == "Bert":  # mean pooling: sum of local tokens and their count
+        local = torch.cat([hidden[0].sum(0), torch.tensor([float(hidden.shape[1])])])
+        parts = comm.all_gather_tensor(local[None])
+        total = torch.cat(parts).sum(0)
+        return total[:-1] / total[-1]
+    if seq.num_replicas:  # distributed class tokens: mean of the replicas, then the head
+        replicas = torch.cat(comm.all_gather_tensor(hidden[:, 0]))  # (N, D)
+        return model.head(replicas.mean(0, keepdim=True)[None])[0, 0]
+    # single class token on rank 0
+    cls = hidden[:, 0] if layout.rank == 0 else hidden.new_zeros(1, hidden.shape[-1])
+    return model.head(comm.all_gather_tensor(cls)[0][None])[0, 0]
+
+
+def _worker(rank: int, world_size: int, group, job: Job) -> dict:
+    comm = Communicator(group, job.link, timeout_s=job.timeout_s)
+    return rank_main(rank, world_size, comm, job)
+
+
+def run_method(job: Job, world_size: int, mode: str) -> dict:
+    """Run one method; returns the per-rank results and a summary record."""
+    if mode == "processes":
+        results = spawn(_worker, world_size, args=(job,), threads_per_worker=1,
+                        timeout_s=job.timeout_s)
+    else:
+        base = job.model if job.model is not None else load_model(job.model_dir)
+        jobs = []
+        for _ in range(world_size):
+            jobs.append(Job(**{**asdict_shallow(job), "model": share_weights_copy(base)}))
+        results, _, _ = run_lockstep(lambda r, n, c: rank_main(r, n, c, jobs[r]), world_size,
+                                     job.link, timeout_s=job.timeout_s)
+    return summarize(job, results, world_size, mode)
+
+
+def asdict_shallow(job: Job) -> dict:
+    return {f: getattr(job, f) for f in job.__dataclass_fields__}
+
+
+def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict:
+    ttft = max(r["ttft_ms"] for r in results if "ttft_ms" in r)
+    comm = [r["comm"] for r in results]
+    prefill = [c.get("phases", {}).get("prefill", c) for c in comm]
+    record = {
+        "method": job.method,
+        "devices": world_size if job.method != "single" else 1,
+        "mode": mode if job.method != "single" else "processes",
+        "ttft_ms": ttft,
+        "tpot_ms": next((r["tpot_ms"] for r in results if "tpot_ms" in r), None),
+        "bytes_sent_per_device": [int(c["bytes_sent"]) for c in comm],
+        "bytes_received_per_device": [int(c["bytes_received"]) for c in comm],
+        "comm_ms_per_device": [round(p["comm_ms"], 2) for p in prefill],
+        "wait_ms_per_device": [round(p["wait_ms"], 2) for p in prefill],
+        "compute_ms_per_device": [
+            round(r["prefill_ms"] - p["comm_ms"], 2) for r, p in zip(results, prefill)
+        ],
+        "tokens_per_device": [r["tokens"] for r in results],
+    }
+    gen = next((r["generated"] for r in results if "generated" in r), None)
+    if gen is not None:
+        record["generated_ids"] = gen
+    out = next((r["output"] for r in results if "output" in r), None)
+    if out is not None:
+        record["output"] = out
+    cache = next((r["kv_cache"] for r in results if "kv_cache" in r), None)
+    if cache is not None:
+        record["kv_cache"] = cache
+    return record
+
+
+def as_json(record: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+
+
+def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
+    """The built-in input for the model's family: (inputs, is_decoder, description)."""
+    family = model_family(model_dir)
+    if family in ("vit", "dinov2"):
+        from astra.datasets import sample_photos
+        from astra.models import image_transform
+
+        photo = sample_photos()["astronaut"]
+        pixels = image_transform(model_dir, config.image_size)(photo)[None]
+        return {"pixels": pixels}, False, f"scikit-image 'astronaut' at {config.image_size} px"
+    tokenizer = load_tokenizer(model_dir)
+    if config.prompt is not None:
+        ids = tokenizer(config.prompt, return_tensors="pt")["input_ids"][:, : config.tokens]
+        return {"input_ids": ids}, family in ("llama", "gpt2"), "the given prompt"
+    from astra.datasets import austen_text, token_blocks
+
+    ids = token_blocks(tokenizer, austen_text("test"), config.tokens, 1)
+    return {"input_ids": ids}, family in ("llama", "gpt2"), "held-out Austen text"
+
+
+def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -> Path:
+    """The codebooks to run with: the given artefact, or the cached default (calibrated now,
+    training-free, if it does not exist yet)."""
+    if config.artefact is not None:
+        return Path(config.artefact)
+    from astra.parallel.simulate import apply_astra
+    from astra.parallel.train import calibrate_
+    from astra.tasks import make_task
+
+    model = load_model(model_dir)
+    task = make_task(model, model_dir)
+    astra_config = AstraConfig(
+        quant_point=config.quant_point or task.quant_point,
+        num_groups=config.groups,
+        codebook_size=config.codebook_size,
+        class_tokens=task.class_tokens,
+    )
+    path = default_artefact(model_dir, astra_config)
+    if not path.is_file():
+        from astra.parallel.artefact import save_artefact
+
+        astra = apply_astra(model, astra_config)
+        calibrate_(astra, task, num_sequences=32, max_samples=8192, kmeans_iters=10,
+                   progress=progress)
+        save_artefact(path, astra, model_dir, extra={"mode": "calibrated (training-free)"})
+    return path
+
+
+def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
+    model_dir = resolve_model(config.model)
+    inputs, decoder, description = build_inputs(config, model_dir)
+    artefact = ensure_artefact(config, model_dir, progress) if "astra" in config.methods else None
+    family = model_family(model_dir)
+    class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
+    if artefact is not None:
+        class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
+    mode = config.resolved_mode()
+    records = []
+    for method in config.methods:
+        world = 1 if method == "single" else config.devices
+        job = Job(
+            method=method,
+            model_dir=str(model_dir),
+            artefact=str(artefact) if artefact else None,
+            inputs=inputs,
+            placement=PlacementConfig(world),
+            class_tokens=class_tokens,
+            new_tokens=config.new_tokens,
+            link=config.link,
+            timeout_s=config.timeout_s,
+            overlap=config.overlap,
+            use_tables=config.use_tables,
+            decoder=decoder,
+        )
+        log(f"running {method} on {world} device(s)...")
+        t0 = time.perf_counter()
+        records.append(run_method(job, world, "processes" if method == "single" else mode))
+        records[-1]["wall_s"] = round(time.perf_counter() - t0, 2)
+    single = next((r for r in records if r["method"] == "single"), None)
+    for r in records:
+        if single is not None:
+            r["speedup_vs_single"] = single["ttft_ms"] / r["ttft_ms"]
+    sp = next((r for r in records if r["method"] == "sp-fp32"), None)
+    astra_rec = next((r for r in records if r["method"] == "astra"), None)
+    if sp is not None and astra_rec is not None:
+        astra_rec["speedup_vs_sp_fp32"] = sp["ttft_ms"] / astra_rec["ttft_ms"]
+    summary = {
+        "model": str(config.model),
+        "model_dir": str(model_dir),
+        "input": description,
+        "config": {k: v for k, v in asdict(config).items()},
+        "artefact": str(artefact) if artefact else None,
+        "records": records,
+    }
+    if decoder:
+        tokenizer = load_tokenizer(model_dir)
+        summary["prompt_tail"] = tokenizer.decode(inputs["input_ids"][0, -40:])
+        for r in records:
+            if "generated_ids" in r:
+                r["completion"] = tokenizer.decode(r["generated_ids"])
+    return summary
