@@ -59,6 +59,7 @@ class RunConfig:
     artefact: str | None = None  # codebooks from `astra calibrate/finetune`; None: cached default
     methods: tuple[str, ...] = ("single", "astra", "sp-fp32")
     mode: str = "auto"
+    placement: str = "contiguous"  # token -> device: contiguous, zigzag (balanced causal), random
     overlap: bool = True  # overlap the code exchange with local attention
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # every collective, and the whole run
@@ -74,6 +75,7 @@ class RunConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods {list(self.methods)}: each must be one of {METHODS}")
+        PlacementConfig(self.devices, kind=self.placement)  # validates the kind
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
 
@@ -388,7 +390,7 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
             model_dir=str(model_dir),
             artefact=str(artefact) if artefact else None,
             inputs=inputs,
-            placement=PlacementConfig(world),
+            placement=PlacementConfig(world, kind=config.placement),
             class_tokens=class_tokens,
             new_tokens=config.new_tokens,
             link=config.link,

@@ -91,6 +91,8 @@ def test_split_sizes_even_weighted_and_errors():
         PlacementConfig(3, weights=(1.0, 1.0))
     dev = assign_tokens(12, PlacementConfig(3, kind="random", seed=1))
     assert torch.bincount(dev).tolist() == [4, 4, 4]
+    zig = assign_tokens(12, PlacementConfig(3, kind="zigzag"))
+    assert zig.tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 0, 0]
 
 
 @pytest.mark.parametrize("point", ["hidden", "kv"])
@@ -180,10 +182,12 @@ def test_lse_merge_equals_attention_over_the_union():
     torch.testing.assert_close(merged, ref, rtol=0, atol=ATOL_EXACT)
 
 
-def _lockstep_vs_simulation(model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True):
+def _lockstep_vs_simulation(
+    model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous"
+):
     astra = apply_astra(copy.deepcopy(model), astra_cfg)
     calibrate_(astra, lambda: astra.forward_hidden(inputs_x, None))
-    placement = PlacementConfig(num_devices)
+    placement = PlacementConfig(num_devices, kind=kind)
     with torch.no_grad():
         sim = astra.forward_hidden(inputs_x, placement if method == "astra" else None)
     seq = build_sequence_layout(inputs_x.shape[1], placement, astra.class_tokens)
@@ -211,11 +215,13 @@ def _lockstep_vs_simulation(model, inputs_x, astra_cfg, num_devices, method="ast
 
 @pytest.mark.parametrize("point", ["hidden", "kv"])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_lockstep_runtime_matches_simulation_decoder(point, overlap):
+@pytest.mark.parametrize("kind", ["contiguous", "zigzag", "random"])
+def test_lockstep_runtime_matches_simulation_decoder(point, overlap, kind):
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 19))).detach()
     cfg = AstraConfig(quant_point=point, num_groups=2, codebook_size=16)
-    sim, seq, outs, clocks, _ = _lockstep_vs_simulation(model, x, cfg, 3, overlap=overlap)
+    sim, seq, outs, clocks, _ = _lockstep_vs_simulation(model, x, cfg, 3, overlap=overlap,
+                                                        kind=kind)
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from astra.cli.astra_cmds import add_calibrate_parser, add_eval_parser, add_finetune_parser
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
 from astra.cli.run_cmd import add_run_parser
@@ -18,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_models_parser(sub).set_defaults(runner=run_models)
     add_run_parser(sub)
+    add_calibrate_parser(sub)
+    add_finetune_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -61,6 +61,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
                    help="processes: one real process per device; composed: per-device compute "
                    "measured one at a time and composed with the link model (for more devices "
                    "than cores); auto picks by core count")
+    p.add_argument("--placement", choices=["contiguous", "zigzag", "random"],
+                   default="contiguous",
+                   help="which tokens each device holds: contiguous chunks (default), zigzag "
+                   "(chunks d and 2N-1-d: balances causal attention), random")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for remote codes before any attention (the paper's serial runtime)")
     p.add_argument("--tables", action="store_true",
@@ -81,7 +85,7 @@ def run(args) -> int:
             latency_ms=args.latency, tokens=args.tokens, image_size=args.image_size,
             new_tokens=args.new_tokens, groups=args.groups, codebook_size=args.codebook_size,
             quant_point=args.point, artefact=args.artefact, methods=methods, mode=args.mode,
-            overlap=not args.no_overlap, use_tables=args.tables, timeout_s=args.timeout,
+            placement=args.placement, overlap=not args.no_overlap, use_tables=args.tables, timeout_s=args.timeout,
             prompt=args.prompt,
         )
         summary = run_inference(config, log=lambda m: print(m, flush=True))

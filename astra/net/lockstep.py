@@ -8,6 +8,10 @@ t + latency + bytes*8/bandwidth (the same link model and uplink queueing as the 
 Communicator); a wait moves the clock to the latest arrival. The pass ends at the largest
 virtual clock: the critical path of N truly parallel devices on that link.
 
+Compute segments are timed as the worker thread's CPU time (time.thread_time): with one
+intra-op thread per device that equals the wall time on an idle core, and unlike wall time it
+does not grow when other programs share the machine, so composed numbers are repeatable.
+
 What it does not model: contention between devices for memory bandwidth (each segment runs
 alone), and real transport overheads (serialisation, TCP). tests/test_lockstep.py holds it
 against real 2-process runs.
@@ -114,20 +118,20 @@ class LockstepComm:
         self.stats = CommStats()
         self._seq = 0
         self._uplink_free_s = 0.0
-        self._segment_start = time.perf_counter()
+        self._segment_start = time.thread_time()
 
     # -- virtual time -----------------------------------------------------------------------
     def begin(self) -> None:
         """Called by the rank's thread once it holds the baton for the first time."""
-        self._segment_start = time.perf_counter()
+        self._segment_start = time.thread_time()
 
     def _charge_compute(self) -> None:
-        elapsed = time.perf_counter() - self._segment_start
+        elapsed = time.thread_time() - self._segment_start
         self.group.clock_s[self.rank] += elapsed
         self.group.compute_s[self.rank] += elapsed
 
     def _resume(self) -> None:
-        self._segment_start = time.perf_counter()
+        self._segment_start = time.thread_time()
 
     def _block_until(self, ready) -> None:
         """Hand the baton round until `ready()`; compute of other ranks runs meanwhile."""
@@ -277,6 +281,8 @@ def run_lockstep(fn, world_size: int, link: LinkConfig, args=(), timeout_s: floa
     errors: list[BaseException | None] = [None] * world_size
 
     def worker(rank: int) -> None:
+        # intra-op thread count is per OS thread (OpenMP): set it in every worker thread
+        torch.set_num_threads(1)
         comm = LockstepComm(group, rank)
         try:
             group.wait_turn(rank)

@@ -29,18 +29,25 @@ class CodesCodec:
         self.tables: tuple[Tensor, Tensor] | None = None
         self.use_tables = use_tables and quantizer.point == "hidden"
 
-    def encode(self, attn: Attention, x: Tensor) -> Tensor:
-        codes = self.quantizer.encode(attn, x)  # (1, n, G_wire)
+    def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
+        codes = self.quantizer.encode(attn, x, kv)  # (1, n, G_wire)
         return pack_codes(codes[0], self.bits)
 
     def payload_bytes(self, num_tokens: int) -> int:
         return (num_tokens * self.groups * self.bits + 7) // 8
 
-    def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-        codes = unpack_codes(payload, num_tokens, self.groups, self.bits)[None]  # (1, n, G)
+    def receive(self, payload: Tensor, num_tokens: int) -> Tensor:
+        """Wire bytes -> codes (1, n, G_wire): what a receiver keeps (App. G: 10 bits/code)."""
+        return unpack_codes(payload, num_tokens, self.groups, self.bits)[None]
+
+    def rebuild_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (1, n, G_wire) -> (k, v) (1, Hkv, n, hd) before RoPE."""
         if self.use_tables:
             return self._lookup_kv(attn, codes)
         return self.quantizer.decode_kv(attn, codes)
+
+    def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        return self.rebuild_kv(attn, self.receive(payload, num_tokens))
 
     def _lookup_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
         codebook = self.quantizer.codebooks[0]
@@ -62,15 +69,20 @@ class FloatCodec:
             raise ValueError(f"FloatCodec dtype must be float32, float16 or bfloat16, got {dtype}")
         self.dtype = dtype
 
-    def encode(self, attn: Attention, x: Tensor) -> Tensor:
+    def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
         return x[0].to(self.dtype).contiguous().view(torch.uint8).flatten()
 
     def payload_bytes(self, num_tokens: int, width: int) -> int:
         return num_tokens * width * torch.finfo(self.dtype).bits // 8
 
+    def receive(self, payload: Tensor, num_tokens: int) -> Tensor:
+        return payload.view(self.dtype).view(1, num_tokens, -1)  # (1, n, D) in the wire dtype
+
+    def rebuild_kv(self, attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
+        return attn.project_kv(x.float())
+
     def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-        x = payload.view(self.dtype).view(1, num_tokens, -1).float()  # (1, n, D)
-        return attn.project_kv(x)
+        return self.rebuild_kv(attn, self.receive(payload, num_tokens))
 
 
 def _split_heads(t: Tensor, num_heads: int) -> Tensor:

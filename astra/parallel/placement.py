@@ -12,13 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-PLACEMENTS = ("contiguous", "random")
+PLACEMENTS = ("contiguous", "zigzag", "random")
 
 
 @dataclass(frozen=True)
 class PlacementConfig:
     num_devices: int  # N: devices sharing one sequence
-    kind: str = "contiguous"  # "contiguous" chunks or "random" (any imbalance, App. D)
+    # "contiguous" chunks; "zigzag": 2N chunks, device d holds chunks d and 2N-1-d, which
+    # balances causal attention (the device with the latest tokens no longer does 2x the work
+    # of the first); "random" (any imbalance, App. D)
+    kind: str = "contiguous"
     weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
     seed: int = 0  # for kind="random"
 
@@ -34,6 +37,8 @@ class PlacementConfig:
                 )
             if any(w <= 0 for w in self.weights):
                 raise ValueError(f"device weights must be > 0, got {self.weights}")
+            if self.kind == "zigzag":
+                raise ValueError("zigzag placement splits evenly; it takes no device weights")
 
 
 def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
@@ -64,6 +69,11 @@ def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
 
 def assign_tokens(num_tokens: int, config: PlacementConfig) -> torch.Tensor:
     """device_of_token (num_tokens,) int64 in [0, N)."""
+    if config.kind == "zigzag" and num_tokens >= 2 * config.num_devices:
+        n = config.num_devices
+        chunks = torch.tensor(split_sizes(num_tokens, 2 * n))
+        owner = torch.cat([torch.arange(n), torch.arange(n - 1, -1, -1)])  # chunk -> device
+        return torch.repeat_interleave(owner, chunks)
     sizes = split_sizes(num_tokens, config.num_devices, config.weights)
     device_of_token = torch.repeat_interleave(torch.arange(config.num_devices), torch.tensor(sizes))
     if config.kind == "random":

@@ -54,9 +54,15 @@ class BlockQuantizer(nn.Module):
         return [_merge_heads(k), _merge_heads(v)]
 
     # -- sender side --------------------------------------------------------------------------
-    def encode(self, attn: Attention, x: Tensor) -> Tensor:
-        """Attention input x (B, T, D) -> codes (B, T, G_wire): what crosses the wire."""
-        parts = self.inputs(attn, x)
+    def encode(self, attn: Attention, x: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Attention input x (B, T, D) -> codes (B, T, G_wire): what crosses the wire.
+
+        For the "kv" point, pass the already projected (k, v) (B, Hkv, T, hd), before RoPE, to
+        avoid projecting twice."""
+        if self.point == "kv" and kv is not None:
+            parts = [_merge_heads(kv[0]), _merge_heads(kv[1])]
+        else:
+            parts = self.inputs(attn, x)
         return torch.cat([cb.encode(p) for cb, p in zip(self.codebooks, parts)], dim=-1)
 
     # -- receiver side ------------------------------------------------------------------------

@@ -59,23 +59,25 @@ class RankAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         lay, attn = self.layout, self.inner
-        # 1. what leaves this device: the shared tokens' attention inputs, encoded
-        payload = self.codec.encode(attn, x[:, lay.send_local])
+        q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
+        # 1. what leaves this device: the shared tokens' codes ("kv" reuses k, v just made)
+        send = lay.send_local
+        payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
         handle = self.comm.start_all_gather_bytes(payload)
         # 2. local, exact, overlapping the link
-        q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         local_mask = causal_mask(positions, positions) if lay.causal else None
         if self.overlap:
             out_local, lse_local = _attend_lse(q, k, v, local_mask)
         # 3. remote, rebuilt from what arrived
         payloads = handle.wait()
-        k_hat, v_hat = self._rebuild_remote(payloads)
-        remote_pos = lay.remote_positions
+        senders = self._visible_senders(positions)
+        k_hat, v_hat = self._rebuild_remote(payloads, senders)
+        remote_pos = _cat_positions([lay.send_positions[j] for j in senders], positions)
         k_hat = attn.rotate(k_hat, remote_pos)
         remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
         if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
-            self.capture.update(k=k, v=v, payloads=payloads, remote_positions=remote_pos)
+            self.capture.update(k=k, v=v, payloads=payloads)
         if not self.overlap:
             mask_all = None
             if lay.causal:
@@ -86,12 +88,19 @@ class RankAttention(nn.Module):
         b, h, n, hd = merged.shape
         return attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
 
-    def _rebuild_remote(self, payloads: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def _visible_senders(self, positions: Tensor) -> list[int]:
+        """Ranks whose shared tokens some local query may attend to (causal: earlier ones)."""
+        lay = self.layout
+        senders = [j for j in range(lay.world_size) if j != lay.rank and lay.send_counts[j] > 0]
+        if lay.causal:
+            last = int(positions.max())
+            senders = [j for j in senders if int(lay.send_positions[j].min()) <= last]
+        return senders
+
+    def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]) -> tuple[Tensor, Tensor]:
         ks, vs = [], []
-        for j, payload in enumerate(payloads):
-            if j == self.layout.rank or self.layout.send_counts[j] == 0:
-                continue
-            k, v = self.codec.decode_kv(self.inner, payload, self.layout.send_counts[j])
+        for j in senders:
+            k, v = self.codec.decode_kv(self.inner, payloads[j], self.layout.send_counts[j])
             ks.append(k)
             vs.append(v)
         if not ks:
@@ -116,15 +125,22 @@ class DecodeAttention(nn.Module):
         self.codec = rank_attention.codec
         self.layout = rank_attention.layout
         self.k, self.v = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
-        self.payloads = captured["payloads"]
-        self.remote_positions = captured["remote_positions"]
+        lay = self.layout
+        self.senders = [j for j in range(lay.world_size) if j != lay.rank and lay.send_counts[j]]
+        # what is kept per remote token: its codes (unpacked once), not its keys and values
+        self.received = [
+            self.codec.receive(captured["payloads"][j], lay.send_counts[j]) for j in self.senders
+        ]
+        self.remote_positions = _cat_positions(
+            [lay.send_positions[j] for j in self.senders], self.k.new_zeros(0, dtype=torch.long)
+        )
 
     def cache_bytes(self) -> dict:
         local = (self.k.numel() + self.v.numel()) * self.k.element_size()
-        remote = sum(
-            p.numel() for j, p in enumerate(self.payloads) if j != self.layout.rank
+        remote_bits = sum(
+            r.numel() * getattr(self.codec, "bits", r.element_size() * 8) for r in self.received
         )
-        return {"local_exact_bytes": local, "remote_code_bytes": remote}
+        return {"local_exact_bytes": local, "remote_code_bytes": remote_bits // 8}
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         attn = self.inner
@@ -133,10 +149,8 @@ class DecodeAttention(nn.Module):
         self.k = torch.cat([self.k, k], dim=2)
         self.v = torch.cat([self.v, v], dim=2)
         ks, vs = [], []
-        for j, payload in enumerate(self.payloads):
-            if j == self.layout.rank or self.layout.send_counts[j] == 0:
-                continue
-            k_j, v_j = self.codec.decode_kv(attn, payload, self.layout.send_counts[j])
+        for received in self.received:
+            k_j, v_j = self.codec.rebuild_kv(attn, received)
             ks.append(k_j)
             vs.append(v_j)
         k_all, v_all = self.k, self.v
@@ -146,6 +160,10 @@ class DecodeAttention(nn.Module):
             v_all = torch.cat([torch.cat(vs, dim=2), v_all], dim=2)
         # every cached token precedes the new one: no mask
         return attn.attend(q, k_all, v_all, None)
+
+
+def _cat_positions(parts: list[Tensor], like: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else like.new_zeros(0)
 
 
 def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

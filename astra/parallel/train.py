@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -65,7 +66,8 @@ def calibrate_(
             bar.update()
         errors.append(block_errors)
     bar.close()
-    return {"relative_error_per_block": errors, "num_sequences": len(batches) and num_sequences}
+    num_inputs = sum(len(next(iter(b.values()))) for b in batches)
+    return {"relative_error_per_block": errors, "num_inputs": num_inputs}
 
 
 @torch.no_grad()
@@ -76,21 +78,28 @@ def evaluate(
     *,
     split: str = "test",
     limit: int | None = None,
+    reference: AstraModel | None = None,
     progress: bool = True,
 ) -> float:
-    """The task metric with ASTRA on `placement` (None = the full-precision model)."""
+    """The task metric with ASTRA on `placement` (None = the full-precision model).
+
+    `reference`: the model whose full-precision outputs the embedding task compares with
+    (default `astra` itself; pass the original model when `astra` carries fine-tuned weights).
+    """
     astra.eval()
+    reference = astra if reference is None else reference.eval()
     total, count = 0.0, 0
     needs_reference = isinstance(task, SentenceEmbedding)
     desc = "full precision" if placement is None else f"astra x{placement.num_devices}"
     for batch in tqdm(task.batches(split, limit), desc=desc, disable=not progress):
         x = task.embed(astra.model, batch)
         mask = task.attention_mask(batch)
-        reference = None
+        expected = None
         if needs_reference:
-            reference = task.outputs(astra.model, astra.forward_hidden(x, None, mask))
+            x_ref = task.embed(reference.model, batch)
+            expected = task.outputs(reference.model, reference.forward_hidden(x_ref, None, mask))
         outputs = task.outputs(astra.model, astra.forward_hidden(x, placement, mask))
-        s, n = task.score(outputs, reference, batch)
+        s, n = task.score(outputs, expected, batch)
         total, count = total + s, count + n
     return task.finish(total, count)
 
@@ -121,13 +130,16 @@ def finetune(
     `on_checkpoint(step)` lets the caller also write an artefact.
     """
     torch.manual_seed(seed)
-    teacher = None
+    probe = getattr(task, "probe", None)
+    teacher = teacher_probe = None
     if distill_weight > 0 or isinstance(task, SentenceEmbedding):
+        # deep-copied before any checkpoint is loaded: the teacher is the model as given
         teacher = copy.deepcopy(astra).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        # the head is trained with the student; the teacher keeps a frozen copy of it
+        teacher_probe = copy.deepcopy(probe).eval() if probe is not None else None
     params = [p for p in astra.model.parameters() if p.requires_grad]
-    probe = getattr(task, "probe", None)
     if probe is not None:
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -136,13 +148,28 @@ def finetune(
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        astra.load_state_dict(state["astra"])
-        opt.load_state_dict(state["optimizer"])
-        if probe is not None and state.get("probe") is not None:
-            probe.load_state_dict(state["probe"])
+        try:
+            astra.load_state_dict(state["astra"])
+            opt.load_state_dict(state["optimizer"])
+            if probe is not None and state.get("probe") is not None:
+                probe.load_state_dict(state["probe"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"checkpoint {ckpt_path} does not fit this model and ASTRA config ({first}); "
+                "delete it or pass another --checkpoint"
+            ) from None
         start, history = state["step"], state["history"]
+        if "rng" in state:  # NAQ noise and dead-code restarts draw from the global generator
+            torch.set_rng_state(state["rng"])
+        if start >= steps:
+            astra.eval()
+            return history
     schedule = lambda step: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))  # noqa: E731
-    data = itertools.cycle(list(task.batches("train", train_limit)))
+    # lazily, epoch after epoch: a list of every batch would hold all 50k Fashion-MNIST images
+    data = itertools.chain.from_iterable(
+        task.batches("train", train_limit) for _ in itertools.count()
+    )
     for _ in range(start):  # resume at the same place in the data
         next(data)
     astra.train()
@@ -163,7 +190,10 @@ def finetune(
         if teacher is not None:
             with torch.no_grad():
                 x_t = task.embed(teacher.model, batch)
-                reference = task.outputs(teacher.model, teacher.forward_hidden(x_t, None, mask))
+                with _swapped_probe(task, teacher_probe):
+                    reference = task.outputs(
+                        teacher.model, teacher.forward_hidden(x_t, None, mask)
+                    )
         if isinstance(task, SentenceEmbedding):
             task_loss = task.loss(outputs, batch, reference)
         else:
@@ -185,9 +215,9 @@ def finetune(
         opt.step()
         record = {
             "step": step + 1,
-            "loss": float(loss),
-            "task_loss": float(task_loss),
-            "commit": float(astra.commitment_loss()),
+            "loss": float(loss.detach()),
+            "task_loss": float(task_loss.detach()),
+            "commit": float(astra.commitment_loss().detach()),
             "elapsed_s": time.perf_counter() - t0,
         }
         history.append(record)
@@ -201,6 +231,7 @@ def finetune(
                     "probe": probe.state_dict() if probe is not None else None,
                     "step": step + 1,
                     "history": history,
+                    "rng": torch.get_rng_state(),
                 },
                 ckpt_path,
             )
@@ -208,3 +239,17 @@ def finetune(
                 on_checkpoint(step + 1)
     astra.eval()
     return history
+
+
+@contextlib.contextmanager
+def _swapped_probe(task: Task, probe):
+    """Let `task.outputs` use `probe` (the teacher's frozen head) for the duration."""
+    if probe is None:
+        yield
+        return
+    own = task.probe
+    task.probe = probe
+    try:
+        yield
+    finally:
+        task.probe = own

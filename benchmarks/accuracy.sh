@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Accuracy tables for issue 3 (benchmarks/accuracy.md): full precision vs ASTRA calibrated /
+# fine-tuned on 4 simulated devices. CPU-sized limits (2 shared cores): see accuracy.md.
+#   benchmarks/accuracy.sh [dinov2|dinov2-ft|smollm2|smollm2-ft|minilm|ablations] ...  (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ASTRA="nice -n 10 .venv/bin/astra"
+R=benchmarks/results
+A=${ASTRA_ARTEFACTS:-${ASTRA_HOME:-$HOME/.cache/astra}/artefacts/bench}  # large: kept out of git
+mkdir -p "$R" "$A"
+DINO="--model dinov2-s --image-size 112 --probe-images 2000"
+SMOL="--model smollm2-135m --seq-len 256"
+MINI="--model minilm-l6 --seq-len 128"
+
+dinov2() {  # Table 1 analogue: Fashion-MNIST top-1, 112 px = 64 patches + CLS, 4 devices
+  for g in 1 16 32; do
+    $ASTRA calibrate $DINO --groups $g --sequences 128 --out $A/dino-g$g.pt \
+      --json $R/dinov2_calibrate_g$g.json --no-progress
+  done
+  $ASTRA eval $DINO --artefacts $A/dino-g1.pt $A/dino-g16.pt $A/dino-g32.pt --devices 4 \
+    --limit 500 --json $R/dinov2_eval_calibrated.json --no-progress
+}
+
+dinov2_ft() {  # short fine-tunes from the calibrated codebooks, G=32 then G=1
+  for g in 32 1; do
+    $ASTRA finetune $DINO --init $A/dino-g$g.pt --devices 4 --steps ${DINO_STEPS:-40} \
+      --batch-size 8 --lr 1e-5 --beta 2e-4 --lam 1.0 --placement mixed \
+      --checkpoint $A/dino-g$g-ft.ckpt --checkpoint-every 10 --out $A/dino-g$g-ft.pt \
+      --json $R/dinov2_finetune_g$g.json --no-progress
+  done
+  $ASTRA eval $DINO --artefacts $A/dino-g32-ft.pt $A/dino-g1-ft.pt --devices 4 --limit 500 \
+    --no-full-precision --json $R/dinov2_eval_finetuned.json --no-progress
+}
+
+smollm2() {  # Table 3 analogue: perplexity on held-out Austen, kv point, 4 devices
+  $ASTRA calibrate $SMOL --point kv --groups 1 --sequences 16 --max-samples 4096 \
+    --kmeans-iters 5 --out $A/smol-kv-g1.pt --json $R/smollm2_calibrate_g1.json --no-progress
+  $ASTRA calibrate $SMOL --point kv --groups 32 --sequences 16 --max-samples 4096 \
+    --kmeans-iters 5 --out $A/smol-kv-g32.pt --json $R/smollm2_calibrate_g32.json --no-progress
+  $ASTRA eval $SMOL --artefacts $A/smol-kv-g1.pt $A/smol-kv-g32.pt --devices 4 --limit 16 \
+    --json $R/smollm2_eval_calibrated.json --no-progress
+}
+
+minilm() {  # cosine similarity to the full-precision embeddings, 4 devices
+  for g in 1 32; do
+    $ASTRA calibrate $MINI --groups $g --sequences 64 --out $A/minilm-g$g.pt \
+      --json $R/minilm_calibrate_g$g.json --no-progress
+  done
+  $ASTRA eval $MINI --artefacts $A/minilm-g1.pt $A/minilm-g32.pt --devices 4 --limit 64 \
+    --json $R/minilm_eval_calibrated.json --no-progress
+}
+
+ablations() {  # Tables 12-14 analogues on DINOv2 G=1 (largest effects), short fine-tunes
+  local common="$DINO --init $A/dino-g1.pt --devices 4 --steps ${ABL_STEPS:-20} --batch-size 8 \
+    --lr 1e-5 --placement mixed --no-progress"
+  $ASTRA finetune $common --lam 0 --out $A/abl-lam0.pt --json $R/abl_lam0.json
+  $ASTRA finetune $common --lam 1 --out $A/abl-lam1.pt --json $R/abl_lam1.json
+  $ASTRA finetune $common --class-tokens single --out $A/abl-single.pt --json $R/abl_single.json
+  $ASTRA finetune $common --beta 0 --out $A/abl-beta0.pt --json $R/abl_beta0.json
+  $ASTRA finetune $common --beta 0.25 --out $A/abl-beta025.pt --json $R/abl_beta025.json
+  $ASTRA eval $DINO --artefacts $A/abl-lam0.pt $A/abl-lam1.pt $A/abl-single.pt $A/abl-beta0.pt \
+    $A/abl-beta025.pt --devices 4 --limit 500 --no-full-precision --json $R/ablations_eval.json \
+    --no-progress
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(dinov2 dinov2-ft smollm2 minilm ablations)
+for s in "${stages[@]}"; do
+  echo "== $s  $(date -u +%FT%TZ)"
+  "${s//-/_}"
+done
