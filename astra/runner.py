@@ -113,7 +113,8 @@ def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
 
     tag = model_checksum(model_dir)[:12]
     return (
-        cache_dir() / "artefacts"
+        cache_dir()
+        / "artefacts"
         / f"{model_dir.name}-{tag}-{config.quant_point}-g{config.num_groups}"
         f"-k{config.codebook_size}.pt"
     )
@@ -205,6 +206,7 @@ def _decode(model, first: int, start: int, new_tokens: int, now):
 
 def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
     """The single-device reference on the same input: full precision, KV cache for decoding."""
+
     def prefill(caches):
         positions = torch.arange(x_full.shape[1])
         mask = None
@@ -274,15 +276,20 @@ def _worker(rank: int, world_size: int, group, job: Job) -> dict:
 def run_method(job: Job, world_size: int, mode: str) -> dict:
     """Run one method; returns the per-rank results and a summary record."""
     if mode == "processes":
-        results = spawn(_worker, world_size, args=(job,), threads_per_worker=1,
-                        timeout_s=job.timeout_s)
+        results = spawn(
+            _worker, world_size, args=(job,), threads_per_worker=1, timeout_s=job.timeout_s
+        )
     else:
         base = job.model if job.model is not None else load_model(job.model_dir)
         jobs = []
         for _ in range(world_size):
             jobs.append(Job(**{**asdict_shallow(job), "model": share_weights_copy(base)}))
-        results, _, _ = run_lockstep(lambda r, n, c: rank_main(r, n, c, jobs[r]), world_size,
-                                     job.link, timeout_s=job.timeout_s)
+        results, _, _ = run_lockstep(
+            lambda r, n, c: rank_main(r, n, c, jobs[r]),
+            world_size,
+            job.link,
+            timeout_s=job.timeout_s,
+        )
     return summarize(job, results, world_size, mode)
 
 
@@ -367,8 +374,9 @@ def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -
         from astra.parallel.artefact import save_artefact
 
         astra = apply_astra(model, astra_config)
-        calibrate_(astra, task, num_sequences=32, max_samples=8192, kmeans_iters=10,
-                   progress=progress)
+        calibrate_(
+            astra, task, num_sequences=32, max_samples=8192, kmeans_iters=10, progress=progress
+        )
         save_artefact(path, astra, model_dir, extra={"mode": "calibrated (training-free)"})
     return path
 

@@ -144,11 +144,20 @@ def test_tensor_parallel_shards_gqa_heads_and_keeps_the_shared_weights():
         apply_tensor_parallel_(local, 1, 2, no_comm)
 
 
-@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("world_size", [5, 8])
 def test_tensor_parallel_bad_device_count_names_the_valid_ones(world_size):
-    with pytest.raises(ValueError, match=rf"num_heads=4 and num_kv_heads=2 both divisible by "
-                                         rf"{world_size}; valid device counts: \[1, 2\]"):
+    with pytest.raises(ValueError, match=rf"num_heads=4; valid device counts: 1..4"):
         apply_tensor_parallel_(tiny_llama(), 0, world_size, None)
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_tensor_parallel_uneven_head_split_equals_single_device(world_size):
+    # 4 query heads, 2 kv heads: 3 devices cut a GQA group, 4 devices replicate kv heads
+    model, x, _ = model_and_input("llama")
+    outs, _, _ = _lockstep(tp_rank_forward, model, world_size, x)
+    hidden = reference_hidden(model, x)
+    for out in outs:
+        torch.testing.assert_close(out, hidden, rtol=0, atol=ATOL)
 
 
 def _gloo_tp_worker(rank, world_size, group, model, x):
@@ -261,4 +270,4 @@ def test_block_parallel_sync_points_and_errors():
     with pytest.raises(ValueError, match="cannot split 3 layers into 4 syncs"):
         bp_rank_forward(0, 2, None, model, x, num_syncs=4)
     with pytest.raises(ValueError, match="valid device counts"):
-        bp_rank_forward(0, 3, None, model, x)
+        bp_rank_forward(0, 5, None, model, x)

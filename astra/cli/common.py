@@ -35,7 +35,7 @@ def positive_int(text: str) -> int:
 
 
 def int_list(text: str) -> list[int]:
-    """"1,2,4" -> [1, 2, 4]."""
+    """ "1,2,4" -> [1, 2, 4]."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -96,5 +96,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from astra.net.launch import WorkerFailure
     from astra.parallel.artefact import ArtefactMismatchError
 
-    return (ValueError, FileNotFoundError, HubError, DataNotFoundError, ArtefactMismatchError,
-            PeerFailure, WorkerFailure, NotImplementedError)
+    return (
+        ValueError,
+        FileNotFoundError,
+        HubError,
+        DataNotFoundError,
+        ArtefactMismatchError,
+        PeerFailure,
+        WorkerFailure,
+        NotImplementedError,
+    )

@@ -11,6 +11,7 @@ import argparse
 from astra.cli.astra_cmds import add_calibrate_parser, add_eval_parser, add_finetune_parser
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
+from astra.cli.bench_cmd import add_bench_parser
 from astra.cli.run_cmd import add_run_parser
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_models_parser(sub).set_defaults(runner=run_models)
     add_run_parser(sub)
+    add_bench_parser(sub)
     add_calibrate_parser(sub)
     add_finetune_parser(sub)
     add_eval_parser(sub)

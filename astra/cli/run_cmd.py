@@ -31,46 +31,97 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m",
-                   help="prepared model name (see `astra models list`) or a local HF-format "
-                   "directory (default smollm2-135m)")
-    p.add_argument("--devices", type=positive_int, default=2,
-                   help="number of devices sharing the sequence (default 2)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="prepared model name (see `astra models list`) or a local HF-format "
+        "directory (default smollm2-135m)",
+    )
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        default=2,
+        help="number of devices sharing the sequence (default 2)",
+    )
     add_link_args(p)
-    p.add_argument("--tokens", type=positive_int, default=1024,
-                   help="prompt length in tokens for text models (default 1024)")
-    p.add_argument("--image-size", type=positive_int, default=448,
-                   help="ViT input side in pixels; 448 px / patch 14 = 1024 patches + CLS")
-    p.add_argument("--new-tokens", type=positive_int, default=16,
-                   help="tokens to generate after the prefill (decoders; default 16)")
-    p.add_argument("--prompt", default=None,
-                   help="text to continue (decoders); default: held-out Austen text")
-    p.add_argument("--groups", type=positive_int, default=1,
-                   help="VQ groups G per token (default 1: 10 bits per codebook per token)")
-    p.add_argument("--codebook-size", type=positive_int, default=1024,
-                   help="codes per group K (default 1024)")
-    p.add_argument("--point", choices=["hidden", "kv"], default=None,
-                   help="quantization point (default: kv for Llama, hidden otherwise)")
-    p.add_argument("--artefact", default=None,
-                   help="codebooks from `astra calibrate`/`astra finetune`; default: calibrate "
-                   "once (training-free) and cache")
-    p.add_argument("--methods", default="single,astra,sp-fp32",
-                   help=f"comma-separated subset of {','.join(METHODS)} (default "
-                   "single,astra,sp-fp32)")
-    p.add_argument("--mode", choices=MODES, default="auto",
-                   help="processes: one real process per device; composed: per-device compute "
-                   "measured one at a time and composed with the link model (for more devices "
-                   "than cores); auto picks by core count")
-    p.add_argument("--placement", choices=["contiguous", "zigzag", "random"],
-                   default="contiguous",
-                   help="which tokens each device holds: contiguous chunks (default), zigzag "
-                   "(chunks d and 2N-1-d: balances causal attention), random")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="wait for remote codes before any attention (the paper's serial runtime)")
-    p.add_argument("--tables", action="store_true",
-                   help="rebuild remote K/V with per-code projection tables (hidden point)")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds before a stuck collective or run fails (default 600)")
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        default=1024,
+        help="prompt length in tokens for text models (default 1024)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=448,
+        help="ViT input side in pixels; 448 px / patch 14 = 1024 patches + CLS",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=16,
+        help="tokens to generate after the prefill (decoders; default 16)",
+    )
+    p.add_argument(
+        "--prompt", default=None, help="text to continue (decoders); default: held-out Austen text"
+    )
+    p.add_argument(
+        "--groups",
+        type=positive_int,
+        default=1,
+        help="VQ groups G per token (default 1: 10 bits per codebook per token)",
+    )
+    p.add_argument(
+        "--codebook-size", type=positive_int, default=1024, help="codes per group K (default 1024)"
+    )
+    p.add_argument(
+        "--point",
+        choices=["hidden", "kv"],
+        default=None,
+        help="quantization point (default: kv for Llama, hidden otherwise)",
+    )
+    p.add_argument(
+        "--artefact",
+        default=None,
+        help="codebooks from `astra calibrate`/`astra finetune`; default: calibrate "
+        "once (training-free) and cache",
+    )
+    p.add_argument(
+        "--methods",
+        default="single,astra,sp-fp32",
+        help=f"comma-separated subset of {','.join(METHODS)} (default single,astra,sp-fp32)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="processes: one real process per device; composed: per-device compute "
+        "measured one at a time and composed with the link model (for more devices "
+        "than cores); auto picks by core count",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["contiguous", "zigzag", "random"],
+        default="contiguous",
+        help="which tokens each device holds: contiguous chunks (default), zigzag "
+        "(chunks d and 2N-1-d: balances causal attention), random",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="wait for remote codes before any attention (the paper's serial runtime)",
+    )
+    p.add_argument(
+        "--tables",
+        action="store_true",
+        help="rebuild remote K/V with per-code projection tables (hidden point)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a stuck collective or run fails (default 600)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(runner=run)
     return p
@@ -81,11 +132,23 @@ def run(args) -> int:
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         config = RunConfig(
-            model=args.model, devices=args.devices, bandwidth_mbps=args.bandwidth,
-            latency_ms=args.latency, tokens=args.tokens, image_size=args.image_size,
-            new_tokens=args.new_tokens, groups=args.groups, codebook_size=args.codebook_size,
-            quant_point=args.point, artefact=args.artefact, methods=methods, mode=args.mode,
-            placement=args.placement, overlap=not args.no_overlap, use_tables=args.tables, timeout_s=args.timeout,
+            model=args.model,
+            devices=args.devices,
+            bandwidth_mbps=args.bandwidth,
+            latency_ms=args.latency,
+            tokens=args.tokens,
+            image_size=args.image_size,
+            new_tokens=args.new_tokens,
+            groups=args.groups,
+            codebook_size=args.codebook_size,
+            quant_point=args.point,
+            artefact=args.artefact,
+            methods=methods,
+            mode=args.mode,
+            placement=args.placement,
+            overlap=not args.no_overlap,
+            use_tables=args.tables,
+            timeout_s=args.timeout,
             prompt=args.prompt,
         )
         summary = run_inference(config, log=lambda m: print(m, flush=True))
@@ -111,8 +174,10 @@ def print_summary(summary: dict) -> None:
             if "completion" in r:
                 print(f"completion ({r['method']:>7}): {json.dumps(r['completion'])}")
     print()
-    head = (f"{'method':<8} {'dev':>3} {'mode':<9} {'TTFT ms':>9} {'TPOT ms':>8} "
-            f"{'compute ms':>11} {'comm ms':>9} {'wait ms':>9} {'sent/dev':>10} {'speed-up':>8}")
+    head = (
+        f"{'method':<8} {'dev':>3} {'mode':<9} {'TTFT ms':>9} {'TPOT ms':>8} "
+        f"{'compute ms':>11} {'comm ms':>9} {'wait ms':>9} {'sent/dev':>10} {'speed-up':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in summary["records"]:
@@ -134,8 +199,10 @@ def print_summary(summary: dict) -> None:
             print(f"\nASTRA prefill: {' and '.join(parts)} (measured in this run).")
         if astra.get("kv_cache"):
             c = astra["kv_cache"]
-            print(f"decode-device KV cache: {_bytes(c['local_exact_bytes'])} exact local, "
-                  f"{_bytes(c['remote_code_bytes'])} remote kept as codes")
+            print(
+                f"decode-device KV cache: {_bytes(c['local_exact_bytes'])} exact local, "
+                f"{_bytes(c['remote_code_bytes'])} remote kept as codes"
+            )
     print("TTFT = prefill to first token; compute/comm/wait: slowest device, prefill phase.")
 
 

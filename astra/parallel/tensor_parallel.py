@@ -44,12 +44,16 @@ def valid_tp_sizes(num_heads: int, num_kv_heads: int) -> list[int]:
 
 
 def check_tp_size(attn: Attention, world_size: int) -> None:
-    H, Hkv = attn.num_heads, attn.num_kv_heads
-    if world_size < 1 or H % world_size or Hkv % world_size:
+    """Any N up to the number of query heads works: when N does not divide both head counts,
+    heads are split as evenly as possible and each rank projects the kv heads its query heads
+    use (kv heads are replicated where the split cuts a GQA group, as Megatron replicates kv
+    heads when the TP size exceeds num_kv_heads). The even split is the fast path."""
+    H = attn.num_heads
+    if world_size < 1 or world_size > H:
         raise ValueError(
-            f"tensor parallelism over {world_size} devices needs num_heads={H} and "
-            f"num_kv_heads={Hkv} both divisible by {world_size}; valid device counts: "
-            f"{valid_tp_sizes(H, Hkv)}"
+            f"tensor parallelism over {world_size} devices needs at least one query head per "
+            f"device: num_heads={H}; valid device counts: 1..{H} (evenly split: "
+            f"{valid_tp_sizes(H, attn.num_kv_heads)})"
         )
 
 
@@ -83,6 +87,16 @@ def _column_slice(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
         out.weight.copy_(linear.weight[start:stop])
         if linear.bias is not None:
             out.bias.copy_(linear.bias[start:stop])
+    return out
+
+
+def _row_gather(linear: nn.Linear, rows: Tensor) -> nn.Linear:
+    """A new Linear with the given output rows of `linear` (rows may repeat)."""
+    out = nn.Linear(linear.in_features, rows.numel(), bias=linear.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias[rows])
     return out
 
 
@@ -132,12 +146,22 @@ def shard_block_(block: nn.Module, rank: int, world_size: int, comm, reduce) -> 
     check_block(block, world_size)
     attn = block.attn
     hd = attn.head_dim
-    H, Hkv = attn.num_heads // world_size, attn.num_kv_heads // world_size
-    q0, kv0 = rank * H * hd, rank * Hkv * hd
-    # contiguous head ranges keep GQA groups whole: q head h uses kv head h // (H_all / Hkv_all)
+    H_all, Hkv_all = attn.num_heads, attn.num_kv_heads
+    if H_all % world_size == 0 and Hkv_all % world_size == 0:
+        H, Hkv = H_all // world_size, Hkv_all // world_size
+        q0, kv0 = rank * H * hd, rank * Hkv * hd
+        # contiguous head ranges keep GQA groups whole: q head h uses kv head h // (H/Hkv)
+        attn.k_proj = _column_slice(attn.k_proj, kv0, kv0 + Hkv * hd)
+        attn.v_proj = _column_slice(attn.v_proj, kv0, kv0 + Hkv * hd)
+    else:  # uneven: this rank's q heads, each with its own copy of the kv head it uses
+        h0, h1 = _offset(even_sizes(H_all, world_size), rank)
+        H, Hkv, q0 = h1 - h0, h1 - h0, h0 * hd
+        group = H_all // Hkv_all
+        rows = torch.cat([torch.arange(h // group * hd, (h // group + 1) * hd)
+                          for h in range(h0, h1)])
+        attn.k_proj = _row_gather(attn.k_proj, rows)
+        attn.v_proj = _row_gather(attn.v_proj, rows)
     attn.q_proj = _column_slice(attn.q_proj, q0, q0 + H * hd)
-    attn.k_proj = _column_slice(attn.k_proj, kv0, kv0 + Hkv * hd)
-    attn.v_proj = _column_slice(attn.v_proj, kv0, kv0 + Hkv * hd)
     attn.o_proj = _row_slice(attn.o_proj, q0, q0 + H * hd, reduce, "tp.attn", comm)
     attn.num_heads, attn.num_kv_heads = H, Hkv
 

@@ -1,0 +1,426 @@
+"""`astra bench`: every strategy side by side on the same emulated links (issue 4).
+
+One record per (method, devices, tokens, bandwidth): the prefill (encoder pass or time to the
+first token's logits) of one input, with compute/communication/wait time and bytes per device.
+
+Methods, all in the same runtime (astra.net communicators) and on the same link model:
+- `single`: one device, the reference;
+- `astra`: ASTRA (codes on the wire; G, K and quantization point as configured);
+- `sp-fp32`, `sp-fp16`: full-precision sequence parallelism (Voltage);
+- `tp`: Megatron tensor parallelism (two all-reduces per block);
+- `pp`: pipeline parallelism with chunked prefill (Petals, exo, prima.cpp);
+- `bp`: block parallelism (DeTransformer), **latency only: it changes the model**.
+
+Codebook values do not change the time of a pass, so unless an artefact is given the bench
+builds timing codebooks from real activations without K-means iterations (labelled so).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from astra.hub import resolve_model
+from astra.models import load_model, model_family
+from astra.net.comm import Communicator
+from astra.net.launch import spawn
+from astra.net.link import LinkConfig
+from astra.net.lockstep import run_lockstep, share_weights_copy
+from astra.parallel.artefact import load_astra, save_artefact
+from astra.parallel.block_parallel import bp_rank_forward
+from astra.parallel.config import AstraConfig
+from astra.parallel.engine import (
+    build_rank_layout,
+    build_sequence_layout,
+    expand_class_tokens,
+    install_rank_attention,
+    make_codecs,
+    sequence_parallel_forward,
+)
+from astra.parallel.pipeline import pp_rank_forward
+from astra.parallel.placement import PlacementConfig
+from astra.parallel.simulate import apply_astra
+from astra.parallel.tensor_parallel import tp_rank_forward
+from astra.runner import RunConfig, _embed, build_inputs
+
+BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    devices: tuple[int, ...] = (2, 4)
+    bandwidths_mbps: tuple[float, ...] = (10.0, 100.0, 1000.0)
+    latency_ms: float = 20.0
+    tokens: tuple[int, ...] = (512,)  # text models; ViT: tokens = (side/14)^2 + 1
+    methods: tuple[str, ...] = BENCH_METHODS
+    groups: int = 1
+    codebook_size: int = 1024
+    quant_point: str | None = None
+    artefact: str | None = None
+    mode: str = "composed"  # composed (deterministic, any N) or processes (N <= cores)
+    placement: str = "contiguous"
+    pp_chunks: int = 4  # pipeline chunks for decoders (encoders: 1)
+    bp_syncs: int = 1  # Nb for block parallelism
+    overlap: bool = True
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in BENCH_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods {list(self.methods)}: each must be one of {BENCH_METHODS}")
+        if self.mode not in ("composed", "processes"):
+            raise ValueError(f"mode {self.mode!r} must be 'composed' or 'processes'")
+        if not self.devices or min(self.devices) < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.mode == "processes" and max(self.devices) > (os.cpu_count() or 1):
+            raise ValueError(
+                f"processes mode needs one core per device: {max(self.devices)} devices, "
+                f"{os.cpu_count()} cores; use --mode composed"
+            )
+        if not self.bandwidths_mbps or min(self.bandwidths_mbps) <= 0:
+            raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
+
+
+@dataclass
+class BenchJob:
+    method: str
+    model_dir: str
+    artefact: str | None
+    inputs: dict
+    placement: PlacementConfig
+    class_tokens: str
+    link: LinkConfig
+    timeout_s: float
+    overlap: bool
+    decoder: bool
+    pp_chunks: int
+    bp_syncs: int
+    model: object = None
+
+
+@torch.no_grad()
+def bench_rank(rank: int, world_size: int, comm, job: BenchJob) -> dict:
+    """One device's timed prefill for any method; returns its time, stats and tokens held."""
+    model = job.model if job.model is not None else load_model(job.model_dir)
+    quantizers = model.blocks
+    if job.method == "astra":
+        astra = load_astra(job.artefact, model, job.model_dir)
+        model, quantizers = astra.model, astra.quantizers
+    x_full = _embed(model, job.inputs)
+    run = None
+    if job.method in ("astra", "sp-fp32", "sp-fp16"):
+        seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
+        x_full = expand_class_tokens(x_full, seq.num_replicas)
+        layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
+        codecs = make_codecs(job.method, quantizers)
+        install_rank_attention(model, codecs, layout, comm, job.overlap)
+        held = int(layout.local_index.numel())
+
+        def run():
+            return sequence_parallel_forward(model, x_full, layout)
+    elif job.method == "tp":
+        held = x_full.shape[1]
+
+        def run():
+            return tp_rank_forward(rank, world_size, comm, model, x_full)
+    elif job.method == "pp":
+        held = x_full.shape[1]
+        chunks = job.pp_chunks if getattr(model, "causal", False) else 1
+
+        def run():
+            return pp_rank_forward(rank, world_size, comm, model, x_full, chunks)
+    elif job.method == "bp":
+        held = x_full.shape[1]
+
+        def run():
+            return bp_rank_forward(rank, world_size, comm, model, x_full, job.bp_syncs).hidden
+    else:  # single
+        held = x_full.shape[1]
+
+        def run():
+            from astra.parallel.tensor_parallel import full_sequence_mask
+
+            positions, mask = full_sequence_mask(model, x_full.shape[1])
+            x = x_full
+            for block in model.blocks:
+                x = block(x, positions, mask)
+            return x
+
+    comm.stats.reset()
+    comm.barrier()
+    t0 = comm.now()
+    with comm.stats.phase("prefill"):
+        hidden = run()
+        if hidden is not None and getattr(model, "causal", False):
+            model.head(hidden[:, -1:])  # the first token's logits, where the last token is
+    total_s = comm.now() - t0
+    if hasattr(comm, "wait_sends"):
+        comm.wait_sends()
+    return {"rank": rank, "total_ms": total_s * 1e3, "tokens": held, "comm": comm.stats.to_dict()}
+
+
+def _worker(rank: int, world_size: int, group, job: BenchJob) -> dict:
+    comm = Communicator(group, job.link, timeout_s=job.timeout_s)
+    return bench_rank(rank, world_size, comm, job)
+
+
+def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:
+    """Codebooks from real activations of this input, no K-means iterations: right shapes and
+    a realistic code distribution, at no calibration cost (timing does not depend on values)."""
+    model = load_model(model_dir)
+    astra = apply_astra(model, config)
+    x = _embed(model, inputs)
+    recorded = astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
+    for quantizer, parts in zip(astra.quantizers, recorded):
+        for codebook, samples in zip(quantizer.codebooks, parts):
+            codebook.kmeans_init_(samples, num_iters=0, init="random")
+    save_artefact(path, astra, model_dir, extra={"mode": "timing-only codebooks"})
+    return path
+
+
+def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dict]:
+    model_dir = resolve_model(config.model)
+    family = model_family(model_dir)
+    decoder = family in ("llama", "gpt2")
+    records: list[dict] = []
+    tmp = Path(tempfile.mkdtemp(prefix="astra-bench-"))
+    base = load_model(model_dir)
+    plan = []
+    for tokens in config.tokens:
+        side = max(14, round(math.sqrt(max(tokens - 1, 1))) * 14)
+        run_cfg = RunConfig(model=config.model, tokens=tokens, image_size=side, devices=1)
+        inputs, _, _ = build_inputs(run_cfg, model_dir)
+        for n in config.devices:
+            for bw in config.bandwidths_mbps:
+                for method in config.methods:
+                    if method == "single" and (
+                        n != config.devices[0] or bw != config.bandwidths_mbps[0]
+                    ):
+                        continue  # one single-device reference per token count
+                    plan.append((tokens, inputs, n, bw, method))
+    artefacts: dict[int, Path] = {}
+    # warm up the math libraries once, outside any timed pass
+    with torch.no_grad():
+        _embed(
+            base, build_inputs(RunConfig(model=config.model, tokens=8, image_size=28), model_dir)[0]
+        )
+    singles: dict[int, float] = {}
+    bar = tqdm(plan, desc="bench", disable=not progress)
+    for tokens, inputs, n, bw, method in bar:
+        bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens}")
+        artefact = None
+        class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
+        astra_config = AstraConfig(
+            quant_point=config.quant_point or ("kv" if family == "llama" else "hidden"),
+            num_groups=config.groups,
+            codebook_size=config.codebook_size,
+            class_tokens=class_tokens,
+        )
+        if method == "astra":
+            if config.artefact:
+                artefact = Path(config.artefact)
+            elif tokens not in artefacts:
+                artefacts[tokens] = timing_artefact(
+                    model_dir, astra_config, inputs, tmp / f"timing-{tokens}.pt"
+                )
+            artefact = artefact or artefacts[tokens]
+        world = 1 if method == "single" else n
+        job = BenchJob(
+            method=method,
+            model_dir=str(model_dir),
+            artefact=str(artefact) if artefact else None,
+            inputs=inputs,
+            placement=PlacementConfig(world, kind=config.placement),
+            class_tokens=class_tokens,
+            link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
+            timeout_s=config.timeout_s,
+            overlap=config.overlap,
+            decoder=decoder,
+            pp_chunks=config.pp_chunks,
+            bp_syncs=config.bp_syncs,
+        )
+        t0 = time.perf_counter()
+        try:
+            if config.mode == "processes":
+                results = spawn(_worker, world, args=(job,), timeout_s=config.timeout_s)
+            else:
+                jobs = [
+                    BenchJob(**{**asdict_shallow(job), "model": share_weights_copy(base)})
+                    for _ in range(world)
+                ]
+                results, _, _ = run_lockstep(
+                    lambda r, w, c: bench_rank(r, w, c, jobs[r]),
+                    world,
+                    job.link,
+                    timeout_s=config.timeout_s,
+                )
+        except (ValueError, RuntimeError) as exc:  # e.g. more pipeline stages than layers
+            cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+            log(f"skipped {method} x{world}: {cause}")
+            records.append(
+                {
+                    "method": method,
+                    "devices": world,
+                    "tokens": tokens,
+                    "bandwidth_mbps": bw,
+                    "skipped": str(cause),
+                }
+            )
+            continue
+        record = _record(config, method, world, tokens, bw, results, family, astra_config, artefact)
+        record["wall_s"] = round(time.perf_counter() - t0, 2)
+        if method == "single":
+            singles[tokens] = record["total_ms"]
+        records.append(record)
+    for r in records:
+        single = singles.get(r["tokens"])
+        if "total_ms" in r:
+            r["speedup_vs_single"] = round(single / r["total_ms"], 4) if single else None
+    return records
+
+
+def asdict_shallow(job) -> dict:
+    return {f: getattr(job, f) for f in job.__dataclass_fields__}
+
+
+def _record(config, method, world, tokens, bw, results, family, astra_config, artefact) -> dict:
+    # stats were reset right before the timed pass: the totals are that pass (the baselines
+    # file their traffic under their own phases, e.g. tp.attn, pp, bp.sync)
+    prefill = [r["comm"] for r in results]
+    total = max(r["total_ms"] for r in results)
+    slowest = max(range(len(results)), key=lambda i: results[i]["total_ms"])
+    comm_ms = prefill[slowest]["comm_ms"]
+    return {
+        "method": method,
+        "model": config.model,
+        "family": family,
+        "devices": world,
+        "tokens": tokens,
+        "bandwidth_mbps": bw,
+        "latency_ms": config.latency_ms,
+        "groups": astra_config.num_groups if method == "astra" else None,
+        "codebook_size": astra_config.codebook_size if method == "astra" else None,
+        "quant_point": astra_config.quant_point if method == "astra" else None,
+        "total_ms": round(total, 3),
+        "compute_ms": round(total - comm_ms, 3),
+        "comm_ms": round(comm_ms, 3),
+        "wait_ms": round(prefill[slowest]["wait_ms"], 3),
+        "bytes_per_device": max(int(r["comm"]["bytes_sent"]) for r in results),
+        "bytes_received_per_device": max(int(r["comm"]["bytes_received"]) for r in results),
+        "mode": config.mode if method != "single" else f"{config.mode} (1 device)",
+        "changes_model": method == "bp",
+        "codebooks": (
+            None
+            if method != "astra"
+            else ("artefact " + str(artefact) if config.artefact else "timing-only")
+        ),
+    }
+
+
+def write_outputs(records: list[dict], out: Path, command: str, config: BenchConfig) -> list[Path]:
+    """JSON (records + command + config), a markdown table and a latency-vs-bandwidth plot."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "bench"
+    meta = {
+        "command": command,
+        "config": asdict(config),
+        "cpu": _cpu_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "records": records,
+    }
+    (stem.with_suffix(".json")).write_text(json.dumps(meta, indent=2) + "\n")
+    (stem.with_suffix(".md")).write_text(markdown_table(records, command))
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    png = plot_latency(records, stem.with_suffix(".png"))
+    if png is not None:
+        paths.append(png)
+    return paths
+
+
+def markdown_table(records: list[dict], command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| method | devices | tokens | Mbit/s | latency ms | total ms | compute ms | "
+        "comm ms | bytes/device | speed-up vs single |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if "skipped" in r:
+            lines.append(
+                f"| {r['method']} | {r['devices']} | {r['tokens']} | "
+                f"{r['bandwidth_mbps']:g} | - | skipped: {r['skipped']} |||||"
+            )
+            continue
+        name = r["method"] + (" (changes the model)" if r["changes_model"] else "")
+        if r["method"] == "astra":
+            name += f" G={r['groups']} K={r['codebook_size']} {r['quant_point']}"
+        speed = r["speedup_vs_single"]
+        lines.append(
+            f"| {name} | {r['devices']} | {r['tokens']} | {r['bandwidth_mbps']:g} | "
+            f"{r['latency_ms']:g} | {r['total_ms']:.1f} | {r['compute_ms']:.1f} | "
+            f"{r['comm_ms']:.1f} | {r['bytes_per_device']:,} | "
+            f"{'-' if speed is None else f'{speed:.2f}x'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_latency(records: list[dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "skipped" not in r]
+    multi = [r for r in records if r["method"] != "single"]
+    if not multi:
+        return None
+    tokens = max(r["tokens"] for r in records)
+    device_counts = sorted({r["devices"] for r in multi})
+    fig, axes = plt.subplots(
+        1, len(device_counts), figsize=(5.5 * len(device_counts), 4.2), squeeze=False
+    )
+    for ax, n in zip(axes[0], device_counts):
+        for method in dict.fromkeys(r["method"] for r in multi):
+            pts = sorted(
+                (r["bandwidth_mbps"], r["total_ms"])
+                for r in multi
+                if r["method"] == method and r["devices"] == n and r["tokens"] == tokens
+            )
+            if pts:
+                label = method + (" (changes model)" if method == "bp" else "")
+                ax.plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], marker="o", label=label)
+        single = [r for r in records if r["method"] == "single" and r["tokens"] == tokens]
+        if single:
+            ax.axhline(single[0]["total_ms"] / 1e3, color="k", ls="--", label="single device")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bandwidth per device (Mbit/s)")
+        ax.set_ylabel("prefill latency (s)")
+        ax.set_title(f"{records[0]['model']}, {n} devices, {tokens} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -1,0 +1,150 @@
+"""`astra bench`: sweep devices x bandwidth x tokens x method; JSON, markdown and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
+from astra.cli.common import bandwidth_arg, fail, int_list, latency_arg, positive_int, user_errors
+
+EPILOG = """\
+examples:
+  astra bench                                  # SmolLM2, 2 and 4 devices, 10/100/1000 Mbit/s
+  astra bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit,100mbit
+  astra bench --mode processes --devices 2     # real processes (one core per device)
+
+modes: `composed` runs every device's compute for real, one device at a time on one core
+(timed as CPU time), and composes the critical path with the link model: deterministic and
+usable for more devices than cores. `processes` runs one real process per device over gloo
+with the link emulated on top of the real transport (needs a core per device).
+bp (block parallelism) changes the model: its rows are latency only.
+"""
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark every strategy side by side on emulated links",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="prepared model name or local HF-format directory (default smollm2-135m)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int_list,
+        default=[2, 4],
+        help="comma-separated device counts (default 2,4)",
+    )
+    p.add_argument(
+        "--bandwidths",
+        default="10mbit,100mbit,1gbit",
+        help="comma-separated per-device uplink rates (default 10mbit,100mbit,1gbit)",
+    )
+    p.add_argument(
+        "--latency",
+        type=latency_arg,
+        default=20.0,
+        metavar="TIME",
+        help="one-way latency per message (default 20ms)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int_list,
+        default=[512],
+        help="comma-separated sequence lengths (ViT: (side/14)^2+1, e.g. 1025)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(BENCH_METHODS),
+        help=f"comma-separated subset of {','.join(BENCH_METHODS)}",
+    )
+    p.add_argument("--groups", type=positive_int, default=1, help="ASTRA VQ groups G (default 1)")
+    p.add_argument(
+        "--codebook-size",
+        type=positive_int,
+        default=1024,
+        help="ASTRA codes per group K (default 1024)",
+    )
+    p.add_argument(
+        "--point",
+        choices=["hidden", "kv"],
+        default=None,
+        help="ASTRA quantization point (default kv for Llama, hidden otherwise)",
+    )
+    p.add_argument(
+        "--artefact",
+        default=None,
+        help="calibrated codebooks to time with (default: timing-only codebooks)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["composed", "processes"],
+        default="composed",
+        help="composed (default) or processes; see below",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["contiguous", "zigzag", "random"],
+        default="contiguous",
+        help="token-to-device assignment for SP methods",
+    )
+    p.add_argument(
+        "--pp-chunks", type=positive_int, default=4, help="pipeline chunks for decoders (default 4)"
+    )
+    p.add_argument(
+        "--bp-syncs",
+        type=positive_int,
+        default=1,
+        help="block parallelism synchronisations Nb (default 1)",
+    )
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="ASTRA/SP wait for remote data before any attention",
+    )
+    p.add_argument(
+        "--out",
+        default="benchmarks/results/bench",
+        metavar="DIR",
+        help="where bench.json, bench.md and bench.png go",
+    )
+    p.set_defaults(runner=run)
+    return p
+
+
+def run(args) -> int:
+    try:
+        bandwidths = tuple(bandwidth_arg(b) for b in args.bandwidths.split(",") if b.strip())
+        config = BenchConfig(
+            model=args.model,
+            devices=tuple(args.devices),
+            bandwidths_mbps=bandwidths,
+            latency_ms=args.latency,
+            tokens=tuple(args.tokens),
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+            groups=args.groups,
+            codebook_size=args.codebook_size,
+            quant_point=args.point,
+            artefact=args.artefact,
+            mode=args.mode,
+            placement=args.placement,
+            pp_chunks=args.pp_chunks,
+            bp_syncs=args.bp_syncs,
+            overlap=not args.no_overlap,
+        )
+        records = run_bench(config)
+    except (argparse.ArgumentTypeError, *user_errors()) as exc:
+        return fail(str(exc))
+    command = "astra " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_outputs(records, Path(args.out), command, config)
+    print(Path(paths[1]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,109 @@
+"""astra bench: records, outputs, and the composed mode held against real processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from astra.bench import BenchConfig, run_bench, write_outputs
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF-format dir, with SmolLM2's tokenizer if prepared."""
+    from astra.hub import models_dir
+
+    tok_dir = models_dir() / "smollm2-135m"
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.skip("needs the smollm2-135m tokenizer (astra models prepare smollm2-135m)")
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = HFLlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tok_dir / name).is_file():
+            (out / name).write_bytes((tok_dir / name).read_bytes())
+    return out
+
+
+def _by_method(records):
+    return {(r["method"], r["devices"]): r for r in records}
+
+
+def test_bench_records_outputs_and_bytes(tiny_llama_dir, tmp_path):
+    config = BenchConfig(
+        model=str(tiny_llama_dir),
+        devices=(2,),
+        bandwidths_mbps=(10.0,),
+        latency_ms=5.0,
+        tokens=(64,),
+        methods=("single", "astra", "sp-fp32", "tp", "pp", "bp"),
+    )
+    records = run_bench(config, progress=False)
+    rows = _by_method(records)
+    assert set(rows) == {
+        ("single", 1),
+        ("astra", 2),
+        ("sp-fp32", 2),
+        ("tp", 2),
+        ("pp", 2),
+        ("bp", 2),
+    }
+    # ASTRA kv point, G=1, K=1024: 2 codebooks x 10 bits per token, 2 blocks, to 1 peer
+    assert rows[("astra", 2)]["bytes_per_device"] == 2 * ((32 * 2 * 10 + 7) // 8)
+    # SP fp32 sends the 64-wide attention input of its 32 tokens per block
+    assert rows[("sp-fp32", 2)]["bytes_per_device"] == 2 * 32 * 64 * 4
+    assert rows[("bp", 2)]["changes_model"] and not rows[("tp", 2)]["changes_model"]
+    assert rows[("single", 1)]["speedup_vs_single"] == 1.0
+    paths = write_outputs(records, tmp_path, "astra bench --test", config)
+    meta = json.loads(paths[0].read_text())
+    assert meta["command"] == "astra bench --test" and len(meta["records"]) == 6
+    for key in (
+        "method",
+        "model",
+        "devices",
+        "tokens",
+        "bandwidth_mbps",
+        "latency_ms",
+        "groups",
+        "codebook_size",
+        "total_ms",
+        "compute_ms",
+        "comm_ms",
+        "bytes_per_device",
+        "speedup_vs_single",
+    ):
+        assert key in meta["records"][1]
+    assert "| astra G=1 K=1024 kv | 2 |" in paths[1].read_text()
+    assert paths[2].suffix == ".png" and paths[2].stat().st_size > 1000
+
+
+def test_composed_mode_matches_real_processes_at_two_devices(tiny_llama_dir):
+    """Link-dominated runs (2 blocks x 60 ms latency): the composed critical path must agree
+    with real gloo processes within 35% + 60 ms, and the bytes exactly."""
+    common = dict(
+        model=str(tiny_llama_dir),
+        devices=(2,),
+        bandwidths_mbps=(1.0,),
+        latency_ms=60.0,
+        tokens=(128,),
+        methods=("astra", "sp-fp32", "pp"),
+    )
+    composed = _by_method(run_bench(BenchConfig(mode="composed", **common), progress=False))
+    real = _by_method(run_bench(BenchConfig(mode="processes", **common), progress=False))
+    for key, r in real.items():
+        c = composed[key]
+        assert c["bytes_per_device"] == r["bytes_per_device"], key
+        assert abs(c["total_ms"] - r["total_ms"]) <= 0.35 * r["total_ms"] + 60, (key, c, r)
