@@ -146,7 +146,7 @@ def test_tensor_parallel_shards_gqa_heads_and_keeps_the_shared_weights():
 
 @pytest.mark.parametrize("world_size", [5, 8])
 def test_tensor_parallel_bad_device_count_names_the_valid_ones(world_size):
-    with pytest.raises(ValueError, match=rf"num_heads=4; valid device counts: 1..4"):
+    with pytest.raises(ValueError, match=r"num_heads=4; valid device counts: 1..4"):
         apply_tensor_parallel_(tiny_llama(), 0, world_size, None)
 
 

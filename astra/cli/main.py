@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 from astra.cli.astra_cmds import add_calibrate_parser, add_eval_parser, add_finetune_parser
+from astra.cli.bench_cmd import add_bench_parser
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
-from astra.cli.bench_cmd import add_bench_parser
 from astra.cli.run_cmd import add_run_parser
 
 
