@@ -257,7 +257,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
                     for _ in range(world)
                 ]
                 results, _, _ = run_lockstep(
-                    lambda r, w, c: bench_rank(r, w, c, jobs[r]),
+                    lambda r, w, c, jobs=jobs: bench_rank(r, w, c, jobs[r]),
                     world,
                     job.link,
                     timeout_s=config.timeout_s,
