@@ -46,6 +46,7 @@ from astra.parallel.engine import (
 )
 from astra.parallel.pipeline import pp_rank_forward
 from astra.parallel.placement import PlacementConfig
+from astra.parallel.runtime import use_causal_kernel_
 from astra.parallel.simulate import apply_astra
 from astra.parallel.tensor_parallel import tp_rank_forward
 from astra.runner import RunConfig, _embed, build_inputs
@@ -144,6 +145,9 @@ def bench_rank(rank: int, world_size: int, comm, job: BenchJob) -> dict:
             return bp_rank_forward(rank, world_size, comm, model, x_full, job.bp_syncs).hidden
     else:  # single
         held = x_full.shape[1]
+
+        if getattr(model, "causal", False):
+            use_causal_kernel_(model)  # the fastest exact kernel for the reference
 
         def run():
             from astra.parallel.tensor_parallel import full_sequence_mask

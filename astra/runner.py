@@ -38,7 +38,7 @@ from astra.parallel.engine import (
     sequence_parallel_forward,
 )
 from astra.parallel.placement import PlacementConfig
-from astra.parallel.runtime import DecodeAttention
+from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
 MODES = ("auto", "processes", "composed")
@@ -219,10 +219,13 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
             x = block(x, positions, mask, cache=caches[i]) if caches else block(x, positions, mask)
         return x
 
+    if getattr(model, "causal", False):
+        use_causal_kernel_(model)  # the fastest exact kernel for the reference too
     prefill([KVCache() for _ in model.blocks] if job.decoder else None)  # warm-up
     t0 = now()
     caches = [KVCache() for _ in model.blocks] if job.decoder else None
     hidden = prefill(caches)
+    restore_attention_(model)
     out: dict = {"rank": 0, "tokens": int(x_full.shape[1])}
     if job.decoder:
         token = int(model.head(hidden[:, -1:]).argmax(-1))
@@ -433,4 +436,69 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
         for r in records:
             if "generated_ids" in r:
                 r["completion"] = tokenizer.decode(r["generated_ids"])
+    return summary
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    )
+
+
+def run_torchrun(config: RunConfig, log=print) -> dict | None:
+    """This process is one rank started by torchrun (possibly on another machine): run ASTRA on
+    the real network (plus any emulated link in `config`) and return the summary on rank 0.
+
+    Every rank loads the weights and codebooks from its own disk: nothing weight-sized crosses
+    the link. The codebooks must exist on every machine (same artefact, checked by checksum).
+    """
+    import torch.distributed as dist
+
+    from astra.net.launch import init_from_env
+
+    rank, world_size, group = init_from_env("auto", config.timeout_s)
+    try:
+        model_dir = resolve_model(config.model)
+        inputs, decoder, description = build_inputs(config, model_dir)
+        if config.artefact is None and rank != 0:
+            dist.barrier(group)  # rank 0 calibrates (if needed) into the shared cache first
+        artefact = ensure_artefact(config, model_dir, progress=rank == 0)
+        if config.artefact is None and rank == 0:
+            dist.barrier(group)
+        class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
+        job = Job(
+            method="astra",
+            model_dir=str(model_dir),
+            artefact=str(artefact),
+            inputs=inputs,
+            placement=PlacementConfig(world_size, kind=config.placement),
+            class_tokens=class_tokens,
+            new_tokens=config.new_tokens,
+            link=config.link,
+            timeout_s=config.timeout_s,
+            overlap=config.overlap,
+            use_tables=config.use_tables,
+            decoder=decoder,
+        )
+        comm = Communicator(group, config.link, timeout_s=config.timeout_s)
+        result = rank_main(rank, world_size, comm, job)
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, result, group=group)
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    record = summarize(job, gathered, world_size, "torchrun")
+    summary = {
+        "model": str(config.model),
+        "model_dir": str(model_dir),
+        "input": description,
+        "config": asdict(config),
+        "artefact": str(artefact),
+        "records": [record],
+    }
+    if decoder and "generated_ids" in record:
+        tokenizer = load_tokenizer(model_dir)
+        summary["prompt_tail"] = tokenizer.decode(inputs["input_ids"][0, -40:])
+        record["completion"] = tokenizer.decode(record["generated_ids"])
     return summary

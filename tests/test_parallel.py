@@ -294,3 +294,25 @@ def test_gloo_runtime_matches_simulation(world_size):
         # 2 blocks, each one all-gather of 2*2 codes of 4 bits per sent token to N-1 peers
         sent_tokens = int((seq.device_of_token == rank).sum())
         assert stats["bytes_sent"] == 2 * (world_size - 1) * ((sent_tokens * 4 * 4 + 7) // 8)
+
+
+@pytest.mark.parametrize("q_pos,k_pos", [
+    (list(range(0, 6)), list(range(0, 6))),  # one diagonal run
+    ([0, 1, 2, 9, 10, 11], [0, 1, 2, 9, 10, 11]),  # zigzag-like local runs
+    ([6, 7, 8], [0, 1, 2, 3, 4, 5]),  # keys all earlier
+    ([0, 1, 2], [3, 4, 5]),  # keys all later: nothing visible
+    ([0, 3, 4, 7], [1, 2, 4, 5, 6, 8]),  # interleaved runs: explicit mask
+])
+def test_causal_block_attention_equals_masked_attention(q_pos, k_pos):
+    from astra.parallel.runtime import attend_positions
+
+    torch.manual_seed(0)
+    qp, kp = torch.tensor(q_pos), torch.tensor(k_pos)
+    q = torch.randn(1, 4, len(q_pos), 8)
+    k, v = torch.randn(1, 2, len(k_pos), 8), torch.randn(1, 2, len(k_pos), 8)
+    out, lse = attend_positions(q, k, v, qp, kp, causal=True)
+    ref_out, ref_lse = _attend_lse(q, k, v, qp[:, None] >= kp[None, :])
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=ATOL_EXACT)
+    visible = (qp[:, None] >= kp[None, :]).any(-1)
+    torch.testing.assert_close(lse[..., visible], ref_lse[..., visible], rtol=0, atol=ATOL_EXACT)
+    assert torch.isneginf(lse[..., ~visible]).all()

@@ -7,7 +7,7 @@ import json
 import logging
 
 from astra.cli.common import add_link_args, fail, positive_int, user_errors, write_json
-from astra.runner import METHODS, MODES, RunConfig, run_inference
+from astra.runner import METHODS, MODES, RunConfig, run_inference, run_torchrun, under_torchrun
 
 EPILOG = """\
 examples:
@@ -18,8 +18,12 @@ examples:
   astra run --artefact ~/.cache/astra/artefacts/my-finetuned.pt
 
 Every method runs on the same input and the same emulated link in this one command, so the
-speed-ups it prints are measured side by side. Over several machines, start one rank per
-machine with torchrun (see README).
+speed-ups it prints are measured side by side.
+
+Over several machines, start one rank per machine with torchrun; each rank runs ASTRA on its
+share of the tokens over the real network (add --bandwidth inf --latency 0 to emulate nothing):
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \
+      -m astra.cli.main run --bandwidth inf --latency 0
 """
 
 
@@ -151,7 +155,12 @@ def run(args) -> int:
             timeout_s=args.timeout,
             prompt=args.prompt,
         )
-        summary = run_inference(config, log=lambda m: print(m, flush=True))
+        if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
+            summary = run_torchrun(config)
+            if summary is None:
+                return 0
+        else:
+            summary = run_inference(config, log=lambda m: print(m, flush=True))
     except user_errors() as exc:
         return fail(str(exc))
     print_summary(summary)
@@ -186,7 +195,7 @@ def print_summary(summary: dict) -> None:
             f"{r['method']:<8} {r['devices']:>3} {r['mode']:<9} {r['ttft_ms']:>9.1f} {tpot:>8} "
             f"{max(r['compute_ms_per_device']):>11.1f} {max(r['comm_ms_per_device']):>9.1f} "
             f"{max(r['wait_ms_per_device']):>9.1f} {_bytes(max(r['bytes_sent_per_device'])):>10} "
-            f"{r.get('speedup_vs_single', float('nan')):>7.2f}x"
+            f"{_speedup(r.get('speedup_vs_single')):>8}"
         )
     astra = next((r for r in summary["records"] if r["method"] == "astra"), None)
     if astra is not None:
@@ -204,6 +213,10 @@ def print_summary(summary: dict) -> None:
                 f"{_bytes(c['remote_code_bytes'])} remote kept as codes"
             )
     print("TTFT = prefill to first token; compute/comm/wait: slowest device, prefill phase.")
+
+
+def _speedup(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _bytes(n: float) -> str:

@@ -68,7 +68,7 @@ class RankAttention(nn.Module):
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         local_mask = causal_mask(positions, positions) if lay.causal else None
         if self.overlap:
-            out_local, lse_local = _attend_lse(q, k, v, local_mask)
+            out_local, lse_local = attend_positions(q, k, v, positions, positions, lay.causal)
         # 3. remote, rebuilt from what arrived
         payloads = handle.wait()
         senders = self._visible_senders(positions)
@@ -83,7 +83,8 @@ class RankAttention(nn.Module):
             if lay.causal:
                 mask_all = torch.cat([local_mask, remote_mask], dim=-1)
             return attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
-        out_remote, lse_remote = _attend_lse(q, k_hat, v_hat, remote_mask)
+        out_remote, lse_remote = attend_positions(q, k_hat, v_hat, positions, remote_pos,
+                                                  lay.causal)
         merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
         b, h, n, hd = merged.shape
         return attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
@@ -162,11 +163,99 @@ class DecodeAttention(nn.Module):
         return attn.attend(q, k_all, v_all, None)
 
 
+class CausalKernelAttention(nn.Module):
+    """Single-device causal prefill with SDPA's causal kernel instead of a dense boolean mask:
+    the same maths as `Attention.forward` with `causal_mask`, skipping the masked half. The
+    single-device baseline uses it so that ASTRA is compared with the fastest exact kernel."""
+
+    def __init__(self, inner: Attention):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
+        attn = self.inner
+        q, k, v = attn.project(x)
+        q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+        if cache is not None:
+            if cache.length:
+                raise ValueError("the causal kernel path is for a prefill from an empty cache")
+            k, v = cache.update(k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=attn.num_kv_heads != attn.num_heads
+        )  # (B, H, T, hd)
+        b, h, n, hd = y.shape
+        return attn.o_proj(y.transpose(1, 2).reshape(b, n, h * hd))
+
+
+def use_causal_kernel_(model: nn.Module) -> None:
+    """Swap every block's attention for CausalKernelAttention (decoders only)."""
+    for block in model.blocks:
+        if not isinstance(block.attn, CausalKernelAttention):
+            block.attn = CausalKernelAttention(block.attn)
+
+
+def restore_attention_(model: nn.Module) -> None:
+    for block in model.blocks:
+        if isinstance(block.attn, CausalKernelAttention):
+            block.attn = block.attn.inner
+
+
+def position_runs(positions: Tensor) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive positions: [(start, stop, first_pos, last_pos)] by index."""
+    if positions.numel() == 0:
+        return []
+    breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
+    bounds = [0, *breaks.tolist(), positions.numel()]
+    pos = positions.tolist()
+    return [(a, b, pos[a], pos[b - 1]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def attend_positions(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """Exact attention (with log-sum-exp) of queries at q_pos to keys at k_pos.
+
+    Causal: split both sides into runs of consecutive positions; key runs wholly after a query
+    run are skipped, wholly before it attended without a mask, the same run attended with the
+    causal kernel (half the work), and only interleaved runs need an explicit mask. This is
+    what lets a device holding the latest tokens, or zigzag chunks, do its share of the causal
+    attention instead of a dense masked square.
+    """
+    if not causal:
+        return _attend_lse(q, k, v, None)
+    b, h, _, hd = q.shape
+    pieces, pieces_lse = [], []
+    k_runs = position_runs(k_pos)
+    for qa, qb, q_first, q_last in position_runs(q_pos):
+        qq = q[:, :, qa:qb]
+        out = qq.new_zeros(b, h, qb - qa, hd)
+        lse = qq.new_full((b, h, qb - qa), float("-inf"))
+        for ka, kb, k_first, k_last in k_runs:
+            if k_first > q_last:
+                continue  # entirely in this run's future
+            kk, vv = k[:, :, ka:kb], v[:, :, ka:kb]
+            if k_last < q_first:
+                part = _attend_lse(qq, kk, vv, None)
+            elif (k_first, k_last) == (q_first, q_last):
+                part = _attend_lse(qq, kk, vv, None, is_causal=True)
+            else:
+                part = _attend_lse(qq, kk, vv, causal_mask(q_pos[qa:qb], k_pos[ka:kb]))
+            out = merge_partials(out, lse, *part)
+            lse = torch.logaddexp(lse, part[1])
+        pieces.append(out)
+        pieces_lse.append(lse)
+    if not pieces:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"))
+    return torch.cat(pieces, dim=2), torch.cat(pieces_lse, dim=2)
+
+
 def _cat_positions(parts: list[Tensor], like: Tensor) -> Tensor:
     return torch.cat(parts) if parts else like.new_zeros(0)
 
 
-def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _attend_lse(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False
+) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query's scores.
 
     q (B,H,Tq,hd), k/v (B,Hkv,Tk,hd), mask bool (Tq,Tk) or None -> out (B,H,Tq,hd), lse (B,H,Tq).
@@ -183,10 +272,12 @@ def _attend_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[T
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=additive
+            q, k, v, 0.0, is_causal, attn_mask=additive
         )
     else:
         scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # (B,H,Tq,Tk)
+        if is_causal:
+            mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
