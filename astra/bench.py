@@ -71,6 +71,7 @@ class BenchConfig:
     pp_chunks: int = 4  # pipeline chunks for decoders (encoders: 1)
     bp_syncs: int = 1  # Nb for block parallelism
     overlap: bool = True
+    use_tables: bool = False  # hidden point: rebuild remote K/V with per-code projection tables
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
@@ -101,6 +102,7 @@ class BenchJob:
     link: LinkConfig
     timeout_s: float
     overlap: bool
+    use_tables: bool
     decoder: bool
     pp_chunks: int
     bp_syncs: int
@@ -121,9 +123,11 @@ def bench_rank(rank: int, world_size: int, comm, job: BenchJob) -> dict:
         seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
         x_full = expand_class_tokens(x_full, seq.num_replicas)
         layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
-        codecs = make_codecs(job.method, quantizers)
+        codecs = make_codecs(job.method, quantizers, job.use_tables)
         install_rank_attention(model, codecs, layout, comm, job.overlap)
         held = int(layout.local_index.numel())
+        for block in model.blocks:
+            block.attn.timings = {}
 
         def run():
             return sequence_parallel_forward(model, x_full, layout)
@@ -168,7 +172,19 @@ def bench_rank(rank: int, world_size: int, comm, job: BenchJob) -> dict:
     total_s = comm.now() - t0
     if hasattr(comm, "wait_sends"):
         comm.wait_sends()
-    return {"rank": rank, "total_ms": total_s * 1e3, "tokens": held, "comm": comm.stats.to_dict()}
+    breakdown: dict[str, float] = {}
+    for block in model.blocks:
+        for stage, ms in (getattr(block.attn, "timings", None) or {}).items():
+            breakdown[stage] = breakdown.get(stage, 0.0) + ms
+    if breakdown:  # the rest of the pass: norms, MLPs, residuals, embedding slice, head
+        breakdown["mlp_and_rest"] = total_s * 1e3 - sum(breakdown.values())
+    return {
+        "rank": rank,
+        "total_ms": total_s * 1e3,
+        "tokens": held,
+        "comm": comm.stats.to_dict(),
+        "breakdown_ms": breakdown,
+    }
 
 
 def _worker(rank: int, world_size: int, group, job: BenchJob) -> dict:
@@ -247,6 +263,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
             link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
             timeout_s=config.timeout_s,
             overlap=config.overlap,
+            use_tables=config.use_tables,
             decoder=decoder,
             pp_chunks=config.pp_chunks,
             bp_syncs=config.bp_syncs,

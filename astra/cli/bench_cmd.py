@@ -138,7 +138,7 @@ def run(args) -> int:
             placement=args.placement,
             pp_chunks=args.pp_chunks,
             bp_syncs=args.bp_syncs,
-            overlap=not args.no_overlap,
+            overlap=not args.no_overlap, use_tables=args.tables,
         )
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:

@@ -28,6 +28,7 @@ class CodesCodec:
         self.groups = quantizer.num_groups_on_wire
         self.tables: tuple[Tensor, Tensor] | None = None
         self.use_tables = use_tables and quantizer.point == "hidden"
+        self.needs_kv = quantizer.point == "kv"  # encode from the projected k, v
 
     def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
         codes = self.quantizer.encode(attn, x, kv)  # (1, n, G_wire)

@@ -56,38 +56,69 @@ class RankAttention(nn.Module):
         self.comm = comm
         self.overlap = overlap
         self.capture: dict | None = None  # set on the decode device before the last prefill
+        self.timings: dict[str, float] | None = None  # ms per stage, when profiling
+        self._last = 0.0
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         lay, attn = self.layout, self.inner
-        q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
-        # 1. what leaves this device: the shared tokens' codes ("kv" reuses k, v just made)
+        lap = self._lap
+        lap(None)
         send = lay.send_local
-        payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
-        handle = self.comm.start_all_gather_bytes(payload)
+        if getattr(self.codec, "needs_kv", False):
+            q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
+            lap("project")
+            # 1. what leaves this device: codes of the shared tokens' k and v
+            payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
+            handle = self.comm.start_all_gather_bytes(payload)
+            lap("encode")
+        else:
+            # 1. what leaves this device, first, so the link starts as early as possible
+            payload = self.codec.encode(attn, x[:, send])
+            handle = self.comm.start_all_gather_bytes(payload)
+            lap("encode")
+            q, k, v = attn.project(x)
+            lap("project")
         # 2. local, exact, overlapping the link
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         local_mask = causal_mask(positions, positions) if lay.causal else None
         if self.overlap:
             out_local, lse_local = attend_positions(q, k, v, positions, positions, lay.causal)
+        lap("local_attention")
         # 3. remote, rebuilt from what arrived
         payloads = handle.wait()
+        lap("wait")
         senders = self._visible_senders(positions)
         k_hat, v_hat = self._rebuild_remote(payloads, senders)
         remote_pos = _cat_positions([lay.send_positions[j] for j in senders], positions)
         k_hat = attn.rotate(k_hat, remote_pos)
         remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
+        lap("rebuild_remote")
         if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
             self.capture.update(k=k, v=v, payloads=payloads)
         if not self.overlap:
             mask_all = None
             if lay.causal:
                 mask_all = torch.cat([local_mask, remote_mask], dim=-1)
-            return attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
-        out_remote, lse_remote = attend_positions(q, k_hat, v_hat, positions, remote_pos,
-                                                  lay.causal)
+            y = attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
+            lap("remote_attention")
+            return y
+        out_remote, lse_remote = attend_positions(
+            q, k_hat, v_hat, positions, remote_pos, lay.causal
+        )
         merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
         b, h, n, hd = merged.shape
-        return attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
+        y = attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
+        lap("remote_attention")
+        return y
+
+    def _lap(self, stage: str | None) -> None:
+        """Charge the time since the last lap to `stage` (when timings are on)."""
+        if self.timings is None:
+            return
+        now = self.comm.now()
+        if stage is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + (now - self._last) * 1e3
+        self._last = now
 
     def _visible_senders(self, positions: Tensor) -> list[int]:
         """Ranks whose shared tokens some local query may attend to (causal: earlier ones)."""
