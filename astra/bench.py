@@ -338,6 +338,11 @@ def _record(config, method, world, tokens, bw, results, family, astra_config, ar
         "bytes_received_per_device": max(int(r["comm"]["bytes_received"]) for r in results),
         "mode": config.mode if method != "single" else f"{config.mode} (1 device)",
         "changes_model": method == "bp",
+        "breakdown_ms": {
+            k: round(v, 2) for k, v in results[slowest].get("breakdown_ms", {}).items()
+        },
+        "tables": config.use_tables if method == "astra" else None,
+        "placement": config.placement,
         "codebooks": (
             None
             if method != "astra"

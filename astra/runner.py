@@ -359,7 +359,13 @@ def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -
     """The codebooks to run with: the given artefact, or the cached default (calibrated now,
     training-free, if it does not exist yet)."""
     if config.artefact is not None:
-        return Path(config.artefact)
+        path = Path(config.artefact).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no codebook artefact at {path}; make one with `astra calibrate --model "
+                f"{config.model}` or leave out --artefact to calibrate and cache one"
+            )
+        return path
     from astra.parallel.simulate import apply_astra
     from astra.parallel.train import calibrate_
     from astra.tasks import make_task

@@ -106,6 +106,11 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         help="block parallelism synchronisations Nb (default 1)",
     )
     p.add_argument(
+        "--tables",
+        action="store_true",
+        help="ASTRA hidden point: rebuild remote K/V with per-code projection tables",
+    )
+    p.add_argument(
         "--no-overlap",
         action="store_true",
         help="ASTRA/SP wait for remote data before any attention",
@@ -138,7 +143,8 @@ def run(args) -> int:
             placement=args.placement,
             pp_chunks=args.pp_chunks,
             bp_syncs=args.bp_syncs,
-            overlap=not args.no_overlap, use_tables=args.tables,
+            overlap=not args.no_overlap,
+            use_tables=args.tables,
         )
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
