@@ -25,7 +25,7 @@ from astra.hub import cache_dir, resolve_model
 from astra.models import KVCache, load_model, load_tokenizer, model_family
 from astra.net.comm import Communicator
 from astra.net.launch import spawn
-from astra.net.link import LinkConfig
+from astra.net.link import LinkConfig, LossModel
 from astra.net.lockstep import run_lockstep, share_weights_copy
 from astra.parallel.artefact import load_astra
 from astra.parallel.config import AstraConfig
@@ -63,6 +63,7 @@ class RunConfig:
     overlap: bool = True  # overlap the code exchange with local attention
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # every collective, and the whole run
+    loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ class RunConfig:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
         if self.tokens < self.devices:
             raise ValueError(f"tokens={self.tokens} must be >= devices={self.devices}")
+        if not 0.0 <= self.loss_rate < 1.0:
+            raise ValueError(f"loss rate must be in [0, 1), got {self.loss_rate}")
         if self.new_tokens < 1:
             raise ValueError(f"new_tokens must be >= 1, got {self.new_tokens}")
         bad = [m for m in self.methods if m not in METHODS]
@@ -105,6 +108,7 @@ class Job:
     overlap: bool
     use_tables: bool
     decoder: bool
+    loss_rate: float = 0.0
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -154,9 +158,10 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     decode_rank = int(seq.device_of_token[-1])
     # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
-    install_rank_attention(model, codecs, layout, warm or comm, job.overlap)
+    loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
+    install_rank_attention(model, codecs, layout, warm or comm, job.overlap, loss=loss)
     sequence_parallel_forward(model, x_full, layout)
-    install_rank_attention(model, codecs, layout, comm, job.overlap)
+    install_rank_attention(model, codecs, layout, comm, job.overlap, loss=loss)
     if job.decoder and rank == decode_rank:
         for block in model.blocks:
             block.attn.capture = {}
@@ -166,6 +171,7 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     with comm.stats.phase("prefill"):
         hidden = sequence_parallel_forward(model, x_full, layout)
     out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
+    out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
     if job.decoder:
         if rank == decode_rank:
             logits = model.head(hidden[:, -1:])
@@ -318,6 +324,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
             round(r["prefill_ms"] - p["comm_ms"], 2) for r, p in zip(results, prefill)
         ],
         "tokens_per_device": [r["tokens"] for r in results],
+        "lost_remote_tokens_per_device": [r.get("lost_remote_tokens", 0) for r in results],
     }
     gen = next((r["generated"] for r in results if "generated" in r), None)
     if gen is not None:
@@ -415,6 +422,7 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
             overlap=config.overlap,
             use_tables=config.use_tables,
             decoder=decoder,
+            loss_rate=config.loss_rate,
         )
         log(f"running {method} on {world} device(s)...")
         t0 = time.perf_counter()

@@ -183,13 +183,14 @@ def test_lse_merge_equals_attention_over_the_union():
 
 
 def _lockstep_vs_simulation(
-    model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous"
+    model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous",
+    loss=None,
 ):
     astra = apply_astra(copy.deepcopy(model), astra_cfg)
     calibrate_(astra, lambda: astra.forward_hidden(inputs_x, None))
     placement = PlacementConfig(num_devices, kind=kind)
     with torch.no_grad():
-        sim = astra.forward_hidden(inputs_x, placement if method == "astra" else None)
+        sim = astra.forward_hidden(inputs_x, placement if method == "astra" else None, loss=loss)
     seq = build_sequence_layout(inputs_x.shape[1], placement, astra.class_tokens)
     x_full = expand_class_tokens(inputs_x, seq.num_replicas)
 
@@ -206,6 +207,7 @@ def _lockstep_vs_simulation(
                 seq,
                 method=method,
                 overlap=overlap,
+                loss=loss,
             )
 
     link = LinkConfig(bandwidth_mbps=10.0, latency_ms=20.0)
@@ -316,3 +318,23 @@ def test_causal_block_attention_equals_masked_attention(q_pos, k_pos):
     visible = (qp[:, None] >= kp[None, :]).any(-1)
     torch.testing.assert_close(lse[..., visible], ref_lse[..., visible], rtol=0, atol=ATOL_EXACT)
     assert torch.isneginf(lse[..., ~visible]).all()
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "random"])
+def test_lost_codes_are_dropped_identically_in_simulation_and_runtime(kind):
+    from astra.net.link import LossModel
+
+    model = tiny_llama()
+    x = model.embed(torch.randint(0, 97, (1, 24))).detach()
+    cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    loss = LossModel(0.3, seed=3)
+    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 3, kind=kind, loss=loss)
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
+    astra = apply_astra(copy.deepcopy(model), cfg)
+    calibrate_(astra, lambda: astra.forward_hidden(x, None))
+    with torch.no_grad():
+        clean = astra.forward_hidden(x, PlacementConfig(3, kind=kind))
+        lossy = astra.forward_hidden(x, PlacementConfig(3, kind=kind), loss=loss)
+    assert (clean - lossy).abs().max() > 1e-4  # 30% of remote codes lost changes the output

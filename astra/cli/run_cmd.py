@@ -121,6 +121,14 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="rebuild remote K/V with per-code projection tables (hidden point)",
     )
     p.add_argument(
+        "--loss",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="fraction of remote tokens whose codes are lost on the way, e.g. 0.05; no "
+        "retransmission: receivers attend to what arrived (paper Table 6)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -154,6 +162,7 @@ def run(args) -> int:
             use_tables=args.tables,
             timeout_s=args.timeout,
             prompt=args.prompt,
+            loss_rate=args.loss,
         )
         if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
             summary = run_torchrun(config)
@@ -201,11 +210,14 @@ def print_summary(summary: dict) -> None:
     if astra is not None:
         parts = []
         if "speedup_vs_single" in astra:
-            parts.append(f"{astra['speedup_vs_single']:.2f}x faster than one device")
+            parts.append(f"{astra['speedup_vs_single']:.2f}x the speed of one device")
         if "speedup_vs_sp_fp32" in astra:
-            parts.append(f"{astra['speedup_vs_sp_fp32']:.1f}x faster than full-precision SP")
+            parts.append(f"{astra['speedup_vs_sp_fp32']:.1f}x that of full-precision SP")
         if parts:
             print(f"\nASTRA prefill: {' and '.join(parts)} (measured in this run).")
+        lost = sum(astra.get("lost_remote_tokens_per_device", []))
+        if lost:
+            print(f"lost codes: {lost} remote token-blocks dropped (--loss), not retransmitted")
         if astra.get("kv_cache"):
             c = astra["kv_cache"]
             print(

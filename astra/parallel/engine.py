@@ -78,11 +78,13 @@ def expand_class_tokens(x: Tensor, num_replicas: int) -> Tensor:
     return torch.cat([x[:, :1].expand(-1, num_replicas, -1), x[:, 1:]], dim=1)
 
 
-def install_rank_attention(model: nn.Module, codecs: list, layout: RankLayout, comm, overlap=True):
+def install_rank_attention(
+    model: nn.Module, codecs: list, layout: RankLayout, comm, overlap=True, loss=None
+):
     """Replace every block's attention with its per-rank version (in place, this rank only)."""
-    for block, codec in zip(model.blocks, codecs):
+    for i, (block, codec) in enumerate(zip(model.blocks, codecs)):
         inner = getattr(block.attn, "inner", block.attn)  # unwrap a previous wrapper
-        block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap)
+        block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap, block=i, loss=loss)
 
 
 def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayout) -> Tensor:
@@ -117,10 +119,10 @@ def rank_forward(
     method: str = "astra",
     overlap: bool = True,
     use_tables: bool = False,
+    loss=None,
 ) -> Tensor:
     """This rank's part of one sequence-parallel pass; returns its last hidden states."""
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
-    install_rank_attention(
-        model, make_codecs(method, quantizers, use_tables), layout, comm, overlap
-    )
+    codecs = make_codecs(method, quantizers, use_tables)
+    install_rank_attention(model, codecs, layout, comm, overlap, loss=loss)
     return sequence_parallel_forward(model, x_full, layout)

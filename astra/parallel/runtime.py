@@ -48,9 +48,21 @@ class RankLayout:
 class RankAttention(nn.Module):
     """The per-rank replacement of a block's attention (same call signature as Attention)."""
 
-    def __init__(self, inner: Attention, codec, layout: RankLayout, comm, overlap: bool = True):
+    def __init__(
+        self,
+        inner: Attention,
+        codec,
+        layout: RankLayout,
+        comm,
+        overlap: bool = True,
+        block: int = 0,
+        loss=None,
+    ):
         super().__init__()
         self.inner = inner
+        self.block = block  # index of this block: keys the loss decisions
+        self.loss = loss  # LossModel: remote tokens whose codes never arrive (no retransmission)
+        self.lost_tokens = 0
         self.codec = codec
         self.layout = layout
         self.comm = comm
@@ -88,8 +100,7 @@ class RankAttention(nn.Module):
         payloads = handle.wait()
         lap("wait")
         senders = self._visible_senders(positions)
-        k_hat, v_hat = self._rebuild_remote(payloads, senders)
-        remote_pos = _cat_positions([lay.send_positions[j] for j in senders], positions)
+        k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
         k_hat = attn.rotate(k_hat, remote_pos)
         remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
         lap("rebuild_remote")
@@ -129,17 +140,31 @@ class RankAttention(nn.Module):
             senders = [j for j in senders if int(lay.send_positions[j].min()) <= last]
         return senders
 
-    def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]) -> tuple[Tensor, Tensor]:
-        ks, vs = [], []
+    def kept(self, sender: int) -> Tensor | None:
+        """Bool (n,) over the sender's tokens that arrived, or None when nothing is lost."""
+        if self.loss is None or self.loss.rate == 0:
+            return None
+        count = self.layout.send_counts[sender]
+        return ~self.loss.dropped_mask(count, self.block, sender, self.layout.rank)
+
+    def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]):
+        """Remote (k, v) (1, Hkv, T_remote, hd) before RoPE and their positions (T_remote,)."""
+        ks, vs, pos = [], [], []
         for j in senders:
             k, v = self.codec.decode_kv(self.inner, payloads[j], self.layout.send_counts[j])
+            p = self.layout.send_positions[j]
+            keep = self.kept(j)
+            if keep is not None:  # lost codes: those tokens are simply not attended to
+                self.lost_tokens += int((~keep).sum())
+                k, v, p = k[:, :, keep], v[:, :, keep], p[keep]
             ks.append(k)
             vs.append(v)
+            pos.append(p)
         if not ks:
             attn = self.inner
             empty = torch.zeros(1, attn.num_kv_heads, 0, attn.head_dim)
-            return empty, empty.clone()
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (1, Hkv, T_remote, hd)
+            return empty, empty.clone(), self.layout.local_positions.new_zeros(0)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(pos)
 
 
 class DecodeAttention(nn.Module):
@@ -160,12 +185,16 @@ class DecodeAttention(nn.Module):
         lay = self.layout
         self.senders = [j for j in range(lay.world_size) if j != lay.rank and lay.send_counts[j]]
         # what is kept per remote token: its codes (unpacked once), not its keys and values
-        self.received = [
-            self.codec.receive(captured["payloads"][j], lay.send_counts[j]) for j in self.senders
-        ]
-        self.remote_positions = _cat_positions(
-            [lay.send_positions[j] for j in self.senders], self.k.new_zeros(0, dtype=torch.long)
-        )
+        self.received, positions = [], []
+        for j in self.senders:
+            got = self.codec.receive(captured["payloads"][j], lay.send_counts[j])  # (1, n, .)
+            p = lay.send_positions[j]
+            keep = rank_attention.kept(j)
+            if keep is not None:  # what was lost in the prefill stays lost
+                got, p = got[:, keep], p[keep]
+            self.received.append(got)
+            positions.append(p)
+        self.remote_positions = _cat_positions(positions, self.k.new_zeros(0, dtype=torch.long))
 
     def cache_bytes(self) -> dict:
         local = (self.k.numel() + self.v.numel()) * self.k.element_size()

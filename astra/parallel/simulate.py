@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from astra.models.attention import Attention, causal_mask
+from astra.net.link import LossModel
 from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig, assign_tokens
 from astra.parallel.quantizer import BlockQuantizer, quant_dims
@@ -26,6 +27,7 @@ class DeviceLayout:
 
     device_of_token: Tensor  # (T,) int64
     sendable: Tensor  # (T,) bool: False for distributed class-token replicas, never sent
+    loss: LossModel | None = None  # codes lost on the way (no retransmission), per block
 
 
 class _Slot:
@@ -70,21 +72,41 @@ class MixedPrecisionAttention(nn.Module):
         q = self.inner.rotate(q, positions)
         k = self.inner.rotate(k, positions)
         k_hat = self.inner.rotate(k_hat, positions)  # remote keys rotate to the sender's positions
-        mp_mask = mixed_precision_mask(layout, mask, x.shape[1])  # (B|1, 1, T, 2T)
+        mp_mask = mixed_precision_mask(layout, mask, x.shape[1], self.index)  # (B|1,1,T,2T)
         return self.inner.attend(
             q, torch.cat([k, k_hat], dim=2), torch.cat([v, v_hat], dim=2), mp_mask
         )
 
 
-def mixed_precision_mask(layout: DeviceLayout, mask: Tensor | None, num_tokens: int) -> Tensor:
+def mixed_precision_mask(
+    layout: DeviceLayout, mask: Tensor | None, num_tokens: int, block: int = 0
+) -> Tensor:
     """(B|1, 1, T, 2T) bool: first T columns the exact keys, last T the rebuilt ones."""
     dev = layout.device_of_token
     same = dev[:, None] == dev[None, :]  # (T, T)
     remote = ~same & layout.sendable[None, :]
+    if layout.loss is not None and layout.loss.rate > 0:
+        remote = remote & ~lost_tokens(layout, block)[dev]  # (T, T): receiver row, token col
     if mask is None:
         mask = torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool, device=dev.device)
     mask = mask.bool()
     return torch.cat([mask & same, mask & remote], dim=-1)
+
+
+def lost_tokens(layout: DeviceLayout, block: int) -> Tensor:
+    """(N, T) bool: True where receiver r lost token t's codes in `block`.
+
+    Same keys as the runtime (block, sender, receiver, over the sender's sent tokens in order),
+    so the simulation and the distributed run drop exactly the same tokens."""
+    dev, n = layout.device_of_token, int(layout.device_of_token.max()) + 1
+    lost = torch.zeros(n, dev.numel(), dtype=torch.bool)
+    for sender in range(n):
+        sent = torch.nonzero((dev == sender) & layout.sendable).flatten()
+        for receiver in range(n):
+            if receiver != sender and sent.numel():
+                drop = layout.loss.dropped_mask(sent.numel(), block, sender, receiver)
+                lost[receiver, sent[drop]] = True
+    return lost.to(dev.device)
 
 
 class AstraModel(nn.Module):
@@ -117,7 +139,11 @@ class AstraModel(nn.Module):
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def forward_hidden(
-        self, x: Tensor, placement: PlacementConfig | None, attention_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        placement: PlacementConfig | None,
+        attention_mask: Tensor | None = None,
+        loss: LossModel | None = None,
     ) -> Tensor:
         """Embedded tokens x (B, T, D) -> last hidden states (B, T, D) before the model's head.
 
@@ -141,6 +167,7 @@ class AstraModel(nn.Module):
         self.slot.layout = None
         if num_devices > 1:
             self.slot.layout = self._layout(num_tokens, placement, replicate, x.device)
+            self.slot.layout.loss = loss
         try:
             for block in self.model.blocks:
                 x = block(x, positions, mask)
