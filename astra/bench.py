@@ -29,27 +29,12 @@ from tqdm.auto import tqdm
 
 from astra.hub import resolve_model
 from astra.models import load_model, model_family
-from astra.net.comm import Communicator
-from astra.net.launch import spawn
 from astra.net.link import LinkConfig
-from astra.net.lockstep import run_lockstep, share_weights_copy
-from astra.parallel.artefact import load_astra, save_artefact
-from astra.parallel.block_parallel import bp_rank_forward
+from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
-from astra.parallel.engine import (
-    build_rank_layout,
-    build_sequence_layout,
-    expand_class_tokens,
-    install_rank_attention,
-    make_codecs,
-    sequence_parallel_forward,
-)
-from astra.parallel.pipeline import pp_rank_forward
 from astra.parallel.placement import PlacementConfig
-from astra.parallel.runtime import use_causal_kernel_
 from astra.parallel.simulate import apply_astra
-from astra.parallel.tensor_parallel import tp_rank_forward
-from astra.runner import RunConfig, _embed, build_inputs
+from astra.runner import Job, RunConfig, _embed, build_inputs, run_ranks
 
 BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
 
@@ -89,107 +74,6 @@ class BenchConfig:
             )
         if not self.bandwidths_mbps or min(self.bandwidths_mbps) <= 0:
             raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
-
-
-@dataclass
-class BenchJob:
-    method: str
-    model_dir: str
-    artefact: str | None
-    inputs: dict
-    placement: PlacementConfig
-    class_tokens: str
-    link: LinkConfig
-    timeout_s: float
-    overlap: bool
-    use_tables: bool
-    decoder: bool
-    pp_chunks: int
-    bp_syncs: int
-    model: object = None
-
-
-@torch.no_grad()
-def bench_rank(rank: int, world_size: int, comm, job: BenchJob) -> dict:
-    """One device's timed prefill for any method; returns its time, stats and tokens held."""
-    model = job.model if job.model is not None else load_model(job.model_dir)
-    quantizers = model.blocks
-    if job.method == "astra":
-        astra = load_astra(job.artefact, model, job.model_dir)
-        model, quantizers = astra.model, astra.quantizers
-    x_full = _embed(model, job.inputs)
-    run = None
-    if job.method in ("astra", "sp-fp32", "sp-fp16"):
-        seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
-        x_full = expand_class_tokens(x_full, seq.num_replicas)
-        layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
-        codecs = make_codecs(job.method, quantizers, job.use_tables)
-        install_rank_attention(model, codecs, layout, comm, job.overlap)
-        held = int(layout.local_index.numel())
-        for block in model.blocks:
-            block.attn.timings = {}
-
-        def run():
-            return sequence_parallel_forward(model, x_full, layout)
-    elif job.method == "tp":
-        held = x_full.shape[1]
-
-        def run():
-            return tp_rank_forward(rank, world_size, comm, model, x_full)
-    elif job.method == "pp":
-        held = x_full.shape[1]
-        chunks = job.pp_chunks if getattr(model, "causal", False) else 1
-
-        def run():
-            return pp_rank_forward(rank, world_size, comm, model, x_full, chunks)
-    elif job.method == "bp":
-        held = x_full.shape[1]
-
-        def run():
-            return bp_rank_forward(rank, world_size, comm, model, x_full, job.bp_syncs).hidden
-    else:  # single
-        held = x_full.shape[1]
-
-        if getattr(model, "causal", False):
-            use_causal_kernel_(model)  # the fastest exact kernel for the reference
-
-        def run():
-            from astra.parallel.tensor_parallel import full_sequence_mask
-
-            positions, mask = full_sequence_mask(model, x_full.shape[1])
-            x = x_full
-            for block in model.blocks:
-                x = block(x, positions, mask)
-            return x
-
-    comm.stats.reset()
-    comm.barrier()
-    t0 = comm.now()
-    with comm.stats.phase("prefill"):
-        hidden = run()
-        if hidden is not None and getattr(model, "causal", False):
-            model.head(hidden[:, -1:])  # the first token's logits, where the last token is
-    total_s = comm.now() - t0
-    if hasattr(comm, "wait_sends"):
-        comm.wait_sends()
-    breakdown: dict[str, float] = {}
-    for block in model.blocks:
-        for stage, ms in (getattr(block.attn, "timings", None) or {}).items():
-            breakdown[stage] = breakdown.get(stage, 0.0) + ms
-    if breakdown:  # the rest of the pass: norms, MLPs, residuals, embedding slice, head
-        breakdown["mlp_and_rest"] = total_s * 1e3 - sum(breakdown.values())
-    return {
-        "rank": rank,
-        "total_ms": total_s * 1e3,
-        "tokens": held,
-        "comm": comm.stats.to_dict(),
-        "breakdown_ms": breakdown,
-    }
-
-
-def _worker(rank: int, world_size: int, group, job: BenchJob) -> dict:
-    comm = Communicator(group, job.link, timeout_s=job.timeout_s)
-    return bench_rank(rank, world_size, comm, job)
 
 
 def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:
@@ -253,36 +137,28 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
                 )
             artefact = artefact or artefacts[tokens]
         world = 1 if method == "single" else n
-        job = BenchJob(
+        job = Job(
             method=method,
             model_dir=str(model_dir),
             artefact=str(artefact) if artefact else None,
             inputs=inputs,
             placement=PlacementConfig(world, kind=config.placement),
             class_tokens=class_tokens,
+            new_tokens=1,
             link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
             timeout_s=config.timeout_s,
             overlap=config.overlap,
             use_tables=config.use_tables,
             decoder=decoder,
+            decode=False,  # the bench times the prefill (time to the first token's logits)
+            warmup=config.mode == "processes",  # fresh processes: warm the math libraries
             pp_chunks=config.pp_chunks,
             bp_syncs=config.bp_syncs,
+            model=base if config.mode == "composed" else None,
         )
         t0 = time.perf_counter()
         try:
-            if config.mode == "processes":
-                results = spawn(_worker, world, args=(job,), timeout_s=config.timeout_s)
-            else:
-                jobs = [
-                    BenchJob(**{**asdict_shallow(job), "model": share_weights_copy(base)})
-                    for _ in range(world)
-                ]
-                results, _, _ = run_lockstep(
-                    lambda r, w, c, jobs=jobs: bench_rank(r, w, c, jobs[r]),
-                    world,
-                    job.link,
-                    timeout_s=config.timeout_s,
-                )
+            results = run_ranks(job, world, config.mode)
         except (ValueError, RuntimeError) as exc:  # e.g. more pipeline stages than layers
             cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
             log(f"skipped {method} x{world}: {cause}")
@@ -308,16 +184,12 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     return records
 
 
-def asdict_shallow(job) -> dict:
-    return {f: getattr(job, f) for f in job.__dataclass_fields__}
-
-
 def _record(config, method, world, tokens, bw, results, family, astra_config, artefact) -> dict:
     # stats were reset right before the timed pass: the totals are that pass (the baselines
     # file their traffic under their own phases, e.g. tp.attn, pp, bp.sync)
     prefill = [r["comm"] for r in results]
-    total = max(r["total_ms"] for r in results)
-    slowest = max(range(len(results)), key=lambda i: results[i]["total_ms"])
+    total = max(r["prefill_ms"] for r in results)
+    slowest = max(range(len(results)), key=lambda i: results[i]["prefill_ms"])
     comm_ms = prefill[slowest]["comm_ms"]
     return {
         "method": method,

@@ -41,6 +41,7 @@ from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
+BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
 MODES = ("auto", "processes", "composed")
 
 
@@ -109,6 +110,10 @@ class Job:
     use_tables: bool
     decoder: bool
     loss_rate: float = 0.0
+    decode: bool = True  # decoders: generate new_tokens after the prefill (False: TTFT only)
+    warmup: bool = True  # one untimed pass first (allocators, math library start-up)
+    pp_chunks: int = 4  # pipeline parallelism: sequence chunks (decoders; encoders use 1)
+    bp_syncs: int = 1  # block parallelism: synchronisations Nb
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -151,6 +156,8 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     x_full = _embed(model, job.inputs)
     if job.method == "single":
         return _single(model, x_full, job, now)
+    if job.method in BASELINES:
+        return _baseline(rank, world_size, comm, model, x_full, job)
     seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
@@ -159,11 +166,13 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
     loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
-    install_rank_attention(model, codecs, layout, warm or comm, job.overlap, loss=loss)
-    sequence_parallel_forward(model, x_full, layout)
+    if job.warmup:
+        install_rank_attention(model, codecs, layout, warm or comm, job.overlap, loss=loss)
+        sequence_parallel_forward(model, x_full, layout)
     install_rank_attention(model, codecs, layout, comm, job.overlap, loss=loss)
-    if job.decoder and rank == decode_rank:
-        for block in model.blocks:
+    for block in model.blocks:
+        block.attn.timings = {}  # where the time goes, per stage (a few clock reads per block)
+        if job.decoder and job.decode and rank == decode_rank:
             block.attn.capture = {}
     comm.stats.reset()
     comm.barrier()
@@ -177,16 +186,74 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
             logits = model.head(hidden[:, -1:])
             first = int(logits.argmax(-1))
             out["ttft_ms"] = (now() - t0) * 1e3
-            steps, tpot, cache = _decode(model, first, x_full.shape[1], job.new_tokens, now)
-            out.update(generated=[first] + steps, tpot_ms=tpot, kv_cache=cache)
-        out["prefill_ms"] = (now() - t0) * 1e3 if "ttft_ms" not in out else out["ttft_ms"]
+            out["breakdown_ms"] = _breakdown(model, out["ttft_ms"])
+            if job.decode:
+                steps, tpot, cache = _decode(model, first, x_full.shape[1], job.new_tokens, now)
+                out.update(generated=[first] + steps, tpot_ms=tpot, kv_cache=cache)
+        if "ttft_ms" not in out:
+            out["prefill_ms"] = (now() - t0) * 1e3
+            out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+        else:
+            out["prefill_ms"] = out["ttft_ms"]
     else:
         with comm.stats.phase("output"):
             output = _encoder_output(model, hidden, layout, seq, comm)
         out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
         out["output"] = output
+        out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
     out["comm"] = comm.stats.to_dict()
     return out
+
+
+def _breakdown(model, total_ms: float) -> dict[str, float]:
+    """Time per stage of the per-rank attention, summed over blocks; the rest is the MLPs,
+    norms, residuals and the head."""
+    stages: dict[str, float] = {}
+    for block in model.blocks:
+        for stage, ms in (getattr(block.attn, "timings", None) or {}).items():
+            stages[stage] = stages.get(stage, 0.0) + ms
+    if stages:
+        stages["mlp_and_rest"] = total_ms - sum(stages.values())
+    return stages
+
+
+def _baseline(rank: int, world_size: int, comm, model, x_full: torch.Tensor, job: Job) -> dict:
+    """Tensor, pipeline or block parallelism: one timed prefill (issue 4 baselines)."""
+    from astra.parallel.block_parallel import apply_block_parallel_, bp_forward
+    from astra.parallel.pipeline import pp_rank_forward
+    from astra.parallel.tensor_parallel import apply_tensor_parallel_, tp_forward
+
+    causal = getattr(model, "causal", False)
+    if job.method == "tp":
+        apply_tensor_parallel_(model, rank, world_size, comm)
+        run = lambda: tp_forward(model, x_full)  # noqa: E731
+    elif job.method == "bp":
+        apply_block_parallel_(model, rank, world_size, comm)
+        run = lambda: bp_forward(rank, world_size, comm, model, x_full, job.bp_syncs).hidden  # noqa: E731
+    else:
+        chunks = job.pp_chunks if causal else 1
+        run = lambda: pp_rank_forward(rank, world_size, comm, model, x_full, chunks)  # noqa: E731
+    if job.warmup:
+        run()
+        if hasattr(comm, "wait_sends"):
+            comm.wait_sends()
+    comm.stats.reset()
+    comm.barrier()
+    t0 = comm.now()
+    with comm.stats.phase("prefill"):
+        hidden = run()
+        if hidden is not None and causal:
+            model.head(hidden[:, -1:])  # the first token's logits, where the last token is
+    elapsed_ms = (comm.now() - t0) * 1e3
+    if hasattr(comm, "wait_sends"):
+        comm.wait_sends()
+    return {
+        "rank": rank,
+        "tokens": int(x_full.shape[1]),
+        "ttft_ms": elapsed_ms,
+        "prefill_ms": elapsed_ms,
+        "comm": comm.stats.to_dict(),
+    }
 
 
 def _decode(model, first: int, start: int, new_tokens: int, now):
@@ -227,7 +294,8 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
 
     if getattr(model, "causal", False):
         use_causal_kernel_(model)  # the fastest exact kernel for the reference too
-    prefill([KVCache() for _ in model.blocks] if job.decoder else None)  # warm-up
+    if job.warmup:
+        prefill([KVCache() for _ in model.blocks] if job.decoder else None)
     t0 = now()
     caches = [KVCache() for _ in model.blocks] if job.decoder else None
     hidden = prefill(caches)
@@ -238,7 +306,7 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
         out["ttft_ms"] = (now() - t0) * 1e3
         generated = [token]
         t1 = now()
-        for i in range(job.new_tokens - 1):
+        for i in range(job.new_tokens - 1 if job.decode else 0):
             pos = torch.tensor([x_full.shape[1] + i])
             x = model.embed(torch.tensor([[token]]), pos)
             for block, cache in zip(model.blocks, caches):
@@ -283,7 +351,12 @@ def _worker(rank: int, world_size: int, group, job: Job) -> dict:
 
 
 def run_method(job: Job, world_size: int, mode: str) -> dict:
-    """Run one method; returns the per-rank results and a summary record."""
+    """Run one method on world_size devices; returns its summary record."""
+    return summarize(job, run_ranks(job, world_size, mode), world_size, mode)
+
+
+def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
+    """Every rank's result for one method: real processes, or the composed (lockstep) mode."""
     if mode == "processes":
         results = spawn(
             _worker, world_size, args=(job,), threads_per_worker=1, timeout_s=job.timeout_s
@@ -299,7 +372,7 @@ def run_method(job: Job, world_size: int, mode: str) -> dict:
             job.link,
             timeout_s=job.timeout_s,
         )
-    return summarize(job, results, world_size, mode)
+    return results
 
 
 def asdict_shallow(job: Job) -> dict:

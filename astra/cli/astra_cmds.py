@@ -45,43 +45,91 @@ bits per token, against blocks x width x 32 bits for fp32, where width is D (hid
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="prepared model name (see `astra models list`) or a local HF-format dir")
-    p.add_argument("--image-size", type=positive_int, default=112,
-                   help="ViT input side in pixels (default 112: 8x8 patches of 14 px + CLS)")
-    p.add_argument("--seq-len", type=positive_int, default=256,
-                   help="tokens per sequence for text models (default 256)")
-    p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="sequences or images per batch (default 16)")
-    p.add_argument("--probe-images", type=positive_int, default=10000,
-                   help="Fashion-MNIST training images the full-precision linear head is fitted "
-                   "on, once per model and image size, then cached (default 10000)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="prepared model name (see `astra models list`) or a local HF-format dir",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=112,
+        help="ViT input side in pixels (default 112: 8x8 patches of 14 px + CLS)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=256,
+        help="tokens per sequence for text models (default 256)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="sequences or images per batch (default 16)",
+    )
+    p.add_argument(
+        "--probe-images",
+        type=positive_int,
+        default=10000,
+        help="Fashion-MNIST training images the full-precision linear head is fitted "
+        "on, once per model and image size, then cached (default 10000)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
 def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--groups", type=positive_int, required=required, default=None if required
-                   else 32, help="VQ groups G per token (must divide the quantized width)"
-                   + ("" if required else "; without --init (default 32)"))
-    p.add_argument("--codebook-size", type=int, default=1024,
-                   help="codes per group K, >= 2 (default 1024 = 10 bits)")
-    p.add_argument("--point", choices=["hidden", "kv"], default=None,
-                   help="quantization point: block attention input, or keys+values "
-                   "(default: the task's, kv for decoders, hidden otherwise)")
-    p.add_argument("--sequences", type=positive_int, default=64,
-                   help="training sequences/images whose activations calibrate (default 64)")
-    p.add_argument("--max-samples", type=positive_int, default=16384,
-                   help="vectors per codebook used by K-means, subsampled (default 16384)")
-    p.add_argument("--kmeans-iters", type=int, default=20,
-                   help="Lloyd iterations after k-means++ seeding (default 20)")
+    p.add_argument(
+        "--groups",
+        type=positive_int,
+        required=required,
+        default=None if required else 32,
+        help="VQ groups G per token (must divide the quantized width)"
+        + ("" if required else "; without --init (default 32)"),
+    )
+    p.add_argument(
+        "--codebook-size",
+        type=int,
+        default=1024,
+        help="codes per group K, >= 2 (default 1024 = 10 bits)",
+    )
+    p.add_argument(
+        "--point",
+        choices=["hidden", "kv"],
+        default=None,
+        help="quantization point: block attention input, or keys+values "
+        "(default: the task's, kv for decoders, hidden otherwise)",
+    )
+    p.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=64,
+        help="training sequences/images whose activations calibrate (default 64)",
+    )
+    p.add_argument(
+        "--max-samples",
+        type=positive_int,
+        default=16384,
+        help="vectors per codebook used by K-means, subsampled (default 16384)",
+    )
+    p.add_argument(
+        "--kmeans-iters",
+        type=int,
+        default=20,
+        help="Lloyd iterations after k-means++ seeding (default 20)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _class_tokens_arg(p: argparse.ArgumentParser, default_help: str) -> None:
-    p.add_argument("--class-tokens", choices=["distributed", "single", "none"], default=None,
-                   help="distributed: one replica per device, mean-pooled (paper §3.4); single: "
-                   f"on device 0, quantized like any token; none ({default_help})")
+    p.add_argument(
+        "--class-tokens",
+        choices=["distributed", "single", "none"],
+        default=None,
+        help="distributed: one replica per device, mean-pooled (paper §3.4); single: "
+        f"on device 0, quantized like any token; none ({default_help})",
+    )
 
 
 # -- parsers ------------------------------------------------------------------------------------
@@ -89,75 +137,139 @@ def _class_tokens_arg(p: argparse.ArgumentParser, default_help: str) -> None:
 
 def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "calibrate", help="training-free ASTRA codebooks (K-means) + NAQ noise, as an artefact",
-        description=__doc__, epilog=CALIBRATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "calibrate",
+        help="training-free ASTRA codebooks (K-means) + NAQ noise, as an artefact",
+        description=__doc__,
+        epilog=CALIBRATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(p)
     _add_quant_args(p, required=True)
     _class_tokens_arg(p, "default: the task's, distributed for ViT/DINOv2")
-    p.add_argument("--out", default=None, metavar="PATH",
-                   help="artefact to write (default: a descriptive name under "
-                   "$ASTRA_HOME/artefacts)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="artefact to write (default: a descriptive name under $ASTRA_HOME/artefacts)",
+    )
     p.set_defaults(runner=run_calibrate)
     return p
 
 
 def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "finetune", help="fine-tune model + codebooks under ASTRA on N simulated devices",
-        description=__doc__, epilog=FINETUNE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "finetune",
+        help="fine-tune model + codebooks under ASTRA on N simulated devices",
+        description=__doc__,
+        epilog=FINETUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(p)
-    p.add_argument("--init", default=None, metavar="ARTEFACT",
-                   help="artefact to start from (`astra calibrate`); default: calibrate first "
-                   "with --groups/--codebook-size/--point and the calibration flags")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="ARTEFACT",
+        help="artefact to start from (`astra calibrate`); default: calibrate first "
+        "with --groups/--codebook-size/--point and the calibration flags",
+    )
     _add_quant_args(p, required=False)
     _class_tokens_arg(p, "default: the init artefact's, else the task's")
-    p.add_argument("--devices", type=positive_int, default=4,
-                   help="simulated devices N during training (default 4)")
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        default=4,
+        help="simulated devices N during training (default 4)",
+    )
     p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=1e-5,
-                   help="peak AdamW learning rate, cosine-decayed to 0 (default 1e-5)")
-    p.add_argument("--beta", type=float, default=2e-4,
-                   help="commitment weight beta of Eq. 2 (default 2e-4)")
-    p.add_argument("--lam", type=float, default=1.0,
-                   help="NAQ noise scale lambda in [0, 1], training only (default 1.0)")
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of KL(full-precision teacher || student) on the outputs "
-                   "(default 0 = off; the embedding task always distils)")
-    p.add_argument("--placement", choices=["contiguous", "random", "mixed"], default="contiguous",
-                   help="token-to-device assignment while training; mixed alternates "
-                   "(default contiguous)")
-    p.add_argument("--train-limit", type=positive_int, default=None,
-                   help="cycle over only the first N training images/sequences")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="training state, saved every --checkpoint-every steps; resumed if present")
-    p.add_argument("--checkpoint-every", type=positive_int, default=50,
-                   help="steps between checkpoints (default 50)")
-    p.add_argument("--out", default=None, metavar="ARTEFACT",
-                   help="artefact with codebooks + fine-tuned weights (+ linear head) "
-                   "(default: a descriptive name under $ASTRA_HOME/artefacts)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-5,
+        help="peak AdamW learning rate, cosine-decayed to 0 (default 1e-5)",
+    )
+    p.add_argument(
+        "--beta", type=float, default=2e-4, help="commitment weight beta of Eq. 2 (default 2e-4)"
+    )
+    p.add_argument(
+        "--lam",
+        type=float,
+        default=1.0,
+        help="NAQ noise scale lambda in [0, 1], training only (default 1.0)",
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of KL(full-precision teacher || student) on the outputs "
+        "(default 0 = off; the embedding task always distils)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["contiguous", "random", "mixed"],
+        default="contiguous",
+        help="token-to-device assignment while training; mixed alternates (default contiguous)",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=positive_int,
+        default=None,
+        help="cycle over only the first N training images/sequences",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="training state, saved every --checkpoint-every steps; resumed if present",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=50,
+        help="steps between checkpoints (default 50)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="ARTEFACT",
+        help="artefact with codebooks + fine-tuned weights (+ linear head) "
+        "(default: a descriptive name under $ASTRA_HOME/artefacts)",
+    )
     p.set_defaults(runner=run_finetune)
     return p
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "eval", help="accuracy of full precision vs ASTRA artefacts on N simulated devices",
-        description=__doc__, epilog=EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "eval",
+        help="accuracy of full precision vs ASTRA artefacts on N simulated devices",
+        description=__doc__,
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(p)
-    p.add_argument("--artefacts", nargs="*", default=[], metavar="ARTEFACT",
-                   help="artefacts from `astra calibrate` / `astra finetune` (none: full "
-                   "precision only)")
-    p.add_argument("--devices", type=int_list, default=[4],
-                   help="comma-separated device counts, e.g. 1,2,4 (default 4)")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="evaluate on the first N test images/sequences (default: all)")
-    p.add_argument("--split", choices=["val", "test"], default="test",
-                   help="data split (default test)")
-    p.add_argument("--no-full-precision", action="store_true",
-                   help="skip the full-precision row")
+    p.add_argument(
+        "--artefacts",
+        nargs="*",
+        default=[],
+        metavar="ARTEFACT",
+        help="artefacts from `astra calibrate` / `astra finetune` (none: full precision only)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int_list,
+        default=[4],
+        help="comma-separated device counts, e.g. 1,2,4 (default 4)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="evaluate on the first N test images/sequences (default: all)",
+    )
+    p.add_argument(
+        "--split", choices=["val", "test"], default="test", help="data split (default test)"
+    )
+    p.add_argument("--no-full-precision", action="store_true", help="skip the full-precision row")
     p.set_defaults(runner=run_eval)
     return p
 
@@ -174,8 +286,12 @@ def make_task(model, model_dir, config):  # a seam for tests (synthetic tasks on
 def _task_config(args):
     from astra.tasks import TaskConfig
 
-    return TaskConfig(image_size=args.image_size, seq_len=args.seq_len,
-                      batch_size=args.batch_size, probe_train_images=args.probe_images)
+    return TaskConfig(
+        image_size=args.image_size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        probe_train_images=args.probe_images,
+    )
 
 
 def _setup_logging() -> None:
@@ -219,8 +335,11 @@ def _astra_config(args, task, base: dict | None = None):
 
     fields = dict(base or {})
     if base is None:
-        fields.update(quant_point=args.point or task.quant_point, num_groups=args.groups,
-                      codebook_size=args.codebook_size)
+        fields.update(
+            quant_point=args.point or task.quant_point,
+            num_groups=args.groups,
+            codebook_size=args.codebook_size,
+        )
     fields["class_tokens"] = args.class_tokens or fields.get("class_tokens", task.class_tokens)
     return AstraConfig(**fields)
 
@@ -229,8 +348,11 @@ def _check_quant_flags(args) -> None:
     from astra.parallel.config import AstraConfig
 
     # before any model is loaded: K, G and the point are checked by AstraConfig itself
-    AstraConfig(quant_point=args.point or "hidden", num_groups=args.groups or 1,
-                 codebook_size=args.codebook_size)
+    AstraConfig(
+        quant_point=args.point or "hidden",
+        num_groups=args.groups or 1,
+        codebook_size=args.codebook_size,
+    )
     if args.kmeans_iters < 0:
         raise ValueError(f"--kmeans-iters must be >= 0, got {args.kmeans_iters}")
 
@@ -241,16 +363,25 @@ def calibrate_model(args, model, model_dir: Path, task, progress: bool):
     from astra.parallel.train import calibrate_
 
     astra = apply_astra(model, _astra_config(args, task))  # G not dividing the width fails here
-    report = calibrate_(astra, task, num_sequences=args.sequences, max_samples=args.max_samples,
-                        kmeans_iters=args.kmeans_iters, seed=args.seed, progress=progress)
+    report = calibrate_(
+        astra,
+        task,
+        num_sequences=args.sequences,
+        max_samples=args.max_samples,
+        kmeans_iters=args.kmeans_iters,
+        seed=args.seed,
+        progress=progress,
+    )
     return astra, report
 
 
 def print_calibration(report: dict) -> None:
     errors = report["relative_error_per_block"]
     flat = [e for block in errors for e in block]
-    print("\nrelative quantization error ||x - x_hat||^2 / ||x||^2 per block"
-          + (" (keys, values)" if len(errors[0]) == 2 else ""))
+    print(
+        "\nrelative quantization error ||x - x_hat||^2 / ||x||^2 per block"
+        + (" (keys, values)" if len(errors[0]) == 2 else "")
+    )
     for i, block in enumerate(errors):
         print(f"  block {i:>2}: " + "  ".join(f"{e:.4f}" for e in block))
     print(f"  mean {sum(flat) / len(flat):.4f}  min {min(flat):.4f}  max {max(flat):.4f}")
@@ -265,8 +396,13 @@ def quant_summary(astra) -> dict:
     widths = [sum(quant_dims(b.attn.inner, cfg)) for b in blocks]
     bits = len(blocks) * cfg.codebooks_per_block * cfg.num_groups * cfg.bits_per_code
     fp32 = sum(widths) * 32
-    return {"num_blocks": len(blocks), "width": widths[0], "bits_per_token": bits,
-            "fp32_bits_per_token": fp32, "compression": fp32 / bits}
+    return {
+        "num_blocks": len(blocks),
+        "width": widths[0],
+        "bits_per_token": bits,
+        "fp32_bits_per_token": fp32,
+        "compression": fp32 / bits,
+    }
 
 
 # -- calibrate ----------------------------------------------------------------------------------
@@ -294,17 +430,37 @@ def calibrate_command(args) -> dict:
     progress = not args.no_progress
     astra, report = calibrate_model(args, model, model_dir, task, progress)
     cfg = astra.config
-    out = Path(args.out) if args.out else _artefact_dir() / (
-        f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
-        f"-{cfg.class_tokens}-calibrated.pt")
-    extra = {"mode": "calibrated", "task": task.name,
-             "calibration": {"sequences": args.sequences, "max_samples": args.max_samples,
-                             "kmeans_iters": args.kmeans_iters, "seed": args.seed, **report}}
+    out = (
+        Path(args.out)
+        if args.out
+        else _artefact_dir()
+        / (
+            f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
+            f"-{cfg.class_tokens}-calibrated.pt"
+        )
+    )
+    extra = {
+        "mode": "calibrated",
+        "task": task.name,
+        "calibration": {
+            "sequences": args.sequences,
+            "max_samples": args.max_samples,
+            "kmeans_iters": args.kmeans_iters,
+            "seed": args.seed,
+            **report,
+        },
+    }
     save_artefact(out, astra, model_dir, extra=extra)
     print_calibration(report)
     print(f"\nartefact {out}")
-    return {"model": args.model, "model_dir": str(model_dir), "artefact": str(out),
-            "config": cfg.to_dict(), **quant_summary(astra), **extra["calibration"]}
+    return {
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "artefact": str(out),
+        "config": cfg.to_dict(),
+        **quant_summary(astra),
+        **extra["calibration"],
+    }
 
 
 # -- finetune -----------------------------------------------------------------------------------
@@ -358,31 +514,74 @@ def finetune_command(args) -> dict:
         quantizer.noise_lambda = args.lam
         for cb in quantizer.codebooks:
             cb.config = replace(cb.config, commitment_weight=args.beta)
-    probe_from = ensure_probe_(task, model, model_dir,
-                               (blob or {}).get("extra", {}).get("probe"), progress)
-    history = finetune(astra, task, num_devices=args.devices, steps=args.steps, lr=args.lr,
-                       placement_kind=args.placement, distill_weight=args.distill,
-                       train_limit=args.train_limit, checkpoint=args.checkpoint,
-                       checkpoint_every=args.checkpoint_every, seed=args.seed,
-                       progress=progress)
-    out = Path(args.out) if args.out else _artefact_dir() / (
-        f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
-        f"-{cfg.class_tokens}-ft{args.devices}x{args.steps}.pt")
-    settings = {k: getattr(args, k) for k in (
-        "devices", "steps", "lr", "beta", "lam", "distill", "placement", "train_limit", "seed",
-        "image_size", "seq_len", "batch_size")}
-    extra = {"mode": "fine-tuned", "task": task.name, "init": init_desc, "finetune": settings,
-             "final_loss": history[-1]["loss"] if history else None}
+    probe_from = ensure_probe_(
+        task, model, model_dir, (blob or {}).get("extra", {}).get("probe"), progress
+    )
+    history = finetune(
+        astra,
+        task,
+        num_devices=args.devices,
+        steps=args.steps,
+        lr=args.lr,
+        placement_kind=args.placement,
+        distill_weight=args.distill,
+        train_limit=args.train_limit,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        progress=progress,
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else _artefact_dir()
+        / (
+            f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
+            f"-{cfg.class_tokens}-ft{args.devices}x{args.steps}.pt"
+        )
+    )
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "devices",
+            "steps",
+            "lr",
+            "beta",
+            "lam",
+            "distill",
+            "placement",
+            "train_limit",
+            "seed",
+            "image_size",
+            "seq_len",
+            "batch_size",
+        )
+    }
+    extra = {
+        "mode": "fine-tuned",
+        "task": task.name,
+        "init": init_desc,
+        "finetune": settings,
+        "final_loss": history[-1]["loss"] if history else None,
+    }
     if hasattr(task, "probe"):
         extra["probe"] = {k: v.detach().clone() for k, v in task.probe.state_dict().items()}
     save_artefact(out, astra, model_dir, include_weights=True, extra=extra)
     last = history[-1] if history else {}
-    print(f"\nfine-tuned {len(history)} steps (init {init_desc}, head {probe_from}); "
-          f"final loss {last.get('loss', float('nan')):.4f}")
+    print(
+        f"\nfine-tuned {len(history)} steps (init {init_desc}, head {probe_from}); "
+        f"final loss {last.get('loss', float('nan')):.4f}"
+    )
     print(f"artefact {out}")
-    return {"model": args.model, "model_dir": str(model_dir), "artefact": str(out),
-            "config": cfg.to_dict(), "settings": settings, "init": init_desc,
-            "history": history}
+    return {
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "artefact": str(out),
+        "config": cfg.to_dict(),
+        "settings": settings,
+        "init": init_desc,
+        "history": history,
+    }
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -422,17 +621,31 @@ def eval_command(args) -> dict:
     point = blobs[0]["config"]["quant_point"] if blobs else task.quant_point
     reference = apply_astra(model, AstraConfig(quant_point=point, num_groups=1, codebook_size=2))
     fp_probe = ensure_probe_(task, reference.model, model_dir, None, progress)
-    fp_probe_state = ({k: v.clone() for k, v in task.probe.state_dict().items()}
-                      if hasattr(task, "probe") else None)
+    fp_probe_state = (
+        {k: v.clone() for k, v in task.probe.state_dict().items()}
+        if hasattr(task, "probe")
+        else None
+    )
     rows = []
     kw = {"split": args.split, "limit": args.limit, "reference": reference, "progress": progress}
     if not args.no_full_precision:
         metric = evaluate(reference, task, None, **kw)
         q = quant_summary(reference)
-        rows.append({"method": "full precision", "artefact": None, "devices": 1, "groups": None,
-                     "codebook_size": None, "quant_point": None, "class_tokens": None,
-                     "bits_per_token": q["fp32_bits_per_token"], "compression": None,
-                     "metric": metric, "head": fp_probe})
+        rows.append(
+            {
+                "method": "full precision",
+                "artefact": None,
+                "devices": 1,
+                "groups": None,
+                "codebook_size": None,
+                "quant_point": None,
+                "class_tokens": None,
+                "bits_per_token": q["fp32_bits_per_token"],
+                "compression": None,
+                "metric": metric,
+                "head": fp_probe,
+            }
+        )
         log.info("full precision: %s %.4f", task.metric, metric)
     for path, blob in zip(args.artefacts, blobs):
         astra = apply_astra(load_model(model_dir), AstraConfig(**blob["config"]))
@@ -448,28 +661,44 @@ def eval_command(args) -> dict:
         mode = blob.get("extra", {}).get("mode", "calibrated")
         for n in args.devices:
             metric = evaluate(astra, task, PlacementConfig(n), **kw)
-            rows.append({"method": METHOD_NAMES.get(mode, mode), "artefact": str(path),
-                         "devices": n, "groups": astra.config.num_groups,
-                         "codebook_size": astra.config.codebook_size,
-                         "quant_point": astra.config.quant_point,
-                         "class_tokens": astra.class_tokens,
-                         "bits_per_token": q["bits_per_token"], "compression": q["compression"],
-                         "metric": metric, "head": head})
+            rows.append(
+                {
+                    "method": METHOD_NAMES.get(mode, mode),
+                    "artefact": str(path),
+                    "devices": n,
+                    "groups": astra.config.num_groups,
+                    "codebook_size": astra.config.codebook_size,
+                    "quant_point": astra.config.quant_point,
+                    "class_tokens": astra.class_tokens,
+                    "bits_per_token": q["bits_per_token"],
+                    "compression": q["compression"],
+                    "metric": metric,
+                    "head": head,
+                }
+            )
             log.info("%s x%d: %s %.4f", Path(path).name, n, task.metric, metric)
     q = quant_summary(reference)
-    return {"model": args.model, "model_dir": str(model_dir), "task": task.name,
-            "metric": task.metric, "higher_is_better": task.higher_is_better,
-            "split": args.split, "limit": args.limit, "task_config": vars(config),
-            "num_blocks": q["num_blocks"],
-            "bits_note": "bits/token = blocks x codebooks/block x G x log2K; compression vs "
-            "fp32 = blocks x width x 32 / bits, width = D (hidden) or 2*Dkv (kv)",
-            "rows": rows}
+    return {
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "task": task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "split": args.split,
+        "limit": args.limit,
+        "task_config": vars(config),
+        "num_blocks": q["num_blocks"],
+        "bits_note": "bits/token = blocks x codebooks/block x G x log2K; compression vs "
+        "fp32 = blocks x width x 32 / bits, width = D (hidden) or 2*Dkv (kv)",
+        "rows": rows,
+    }
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
-    lines = ["| method | artefact | devices | point | G | K | bits/token | compression "
-             f"| {metric} |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| method | artefact | devices | point | G | K | bits/token | compression | {metric} |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         comp = "-" if r["compression"] is None else f"{r['compression']:.1f}x"
         name = "-" if r["artefact"] is None else Path(r["artefact"]).name
@@ -480,5 +709,6 @@ def markdown_table(rows: list[dict], metric: str) -> str:
         lines.append(
             f"| {r['method']} | {name} | {r['devices']} | {r['quant_point'] or '-'} | "
             f"{r['groups'] or '-'} | {r['codebook_size'] or '-'} | {r['bits_per_token']:,} | "
-            f"{comp} | {shown} |")
+            f"{comp} | {shown} |"
+        )
     return "\n".join(lines)

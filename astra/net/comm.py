@@ -36,8 +36,16 @@ _OP_NAMES = {_OP_ALL_GATHER: "all_gather", _OP_ALL_REDUCE: "all_reduce", _OP_P2P
 # p2p header: the common 4 words, then dtype index, ndim and up to _MAX_DIMS sizes
 _MAX_DIMS = 8
 _DTYPES = [
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
 ]
 
 
@@ -102,8 +110,18 @@ def _round_up(n: int, multiple: int) -> int:
 class AllGatherHandle:
     """An all-gather in flight; wait() returns every rank's payload (cached after the first)."""
 
-    def __init__(self, comm: Communicator, work, buf: torch.Tensor, out: torch.Tensor,
-                 payload: torch.Tensor, capacity: int, op: int, seq: int, t_start: float) -> None:
+    def __init__(
+        self,
+        comm: Communicator,
+        work,
+        buf: torch.Tensor,
+        out: torch.Tensor,
+        payload: torch.Tensor,
+        capacity: int,
+        op: int,
+        seq: int,
+        t_start: float,
+    ) -> None:
         self._comm, self._work, self._buf, self._out = comm, work, buf, out
         self._payload, self._capacity, self._op, self._seq = payload, capacity, op, seq
         self._t_start = t_start
@@ -124,8 +142,9 @@ class Communicator:
     Results of all_gather_* are views into one receive buffer; copy them to keep them apart.
     """
 
-    def __init__(self, group: dist.ProcessGroup, link: LinkConfig | None = None,
-                 timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, link: LinkConfig | None = None, timeout_s: float = 60.0
+    ) -> None:
         self.group = group
         self.link = link if link is not None else LinkConfig()
         self.timeout_s = float(timeout_s)
@@ -171,12 +190,16 @@ class Communicator:
         header = torch.tensor([op, self._seq, num_bytes, int(send_s * 1e9)], dtype=torch.int64)
         buf[:_HEADER_BYTES] = header.view(torch.uint8).to(buf.device)
         fits = min(num_bytes, self._capacity)
-        buf[_HEADER_BYTES:_HEADER_BYTES + fits] = payload[:fits].to(buf.device)
+        buf[_HEADER_BYTES : _HEADER_BYTES + fits] = payload[:fits].to(buf.device)
         out = torch.empty(self.world_size * slot, dtype=torch.uint8, device=self.device)
-        work = self._call("all_gather", lambda: dist.all_gather_single(
-            out, buf, group=self.group, async_op=True))
-        self.stats.add(comm_ms=(time.perf_counter() - t_start) * 1e3, num_messages=1,
-                       bytes_sent=int(round(sent)))
+        work = self._call(
+            "all_gather", lambda: dist.all_gather_single(out, buf, group=self.group, async_op=True)
+        )
+        self.stats.add(
+            comm_ms=(time.perf_counter() - t_start) * 1e3,
+            num_messages=1,
+            bytes_sent=int(round(sent)),
+        )
         return AllGatherHandle(
             self, work, buf, out, payload, self._capacity, op, self._seq, t_start
         )
@@ -201,15 +224,17 @@ class Communicator:
         if largest > h._capacity:  # second round with a slot large enough for everyone
             cap = _round_up(largest, _ALIGN)
             buf = torch.empty(cap, dtype=torch.uint8, device=self.device)
-            buf[:h._payload.numel()] = h._payload.to(buf.device)
+            buf[: h._payload.numel()] = h._payload.to(buf.device)
             out2 = torch.empty(self.world_size * cap, dtype=torch.uint8, device=self.device)
-            work = self._call(op_name, lambda: dist.all_gather_single(
-                out2, buf, group=self.group, async_op=True))
+            work = self._call(
+                op_name, lambda: dist.all_gather_single(out2, buf, group=self.group, async_op=True)
+            )
             self._wait_work(work, op_name)
-            payloads = [out2[r * cap:r * cap + sizes[r]] for r in range(self.world_size)]
+            payloads = [out2[r * cap : r * cap + sizes[r]] for r in range(self.world_size)]
         else:
-            payloads = [out[r, _HEADER_BYTES:_HEADER_BYTES + sizes[r]]
-                        for r in range(self.world_size)]
+            payloads = [
+                out[r, _HEADER_BYTES : _HEADER_BYTES + sizes[r]] for r in range(self.world_size)
+            ]
         payloads[self.rank] = h._payload  # our own bytes never crossed a link
         # Next round's slot: this round's largest payload, so steady-state calls take one round
         # and a shrinking payload (prefill -> decode) stops paying for the old size right away.
@@ -217,8 +242,14 @@ class Communicator:
         # Emulated link: sleep until the last peer's payload would have arrived.
         emulated_s = 0.0
         if not self.link.is_ideal:
-            arrival = max((self._arrival_s(h._op, headers[r][3], sizes[r])
-                           for r in range(self.world_size) if r != self.rank), default=0.0)
+            arrival = max(
+                (
+                    self._arrival_s(h._op, headers[r][3], sizes[r])
+                    for r in range(self.world_size)
+                    if r != self.rank
+                ),
+                default=0.0,
+            )
             emulated_s = max(0.0, arrival - time.time())
             if emulated_s > 0:
                 time.sleep(emulated_s)
@@ -226,8 +257,12 @@ class Communicator:
         received = sum(sizes) - sizes[self.rank]
         if h._op == _OP_ALL_REDUCE:
             received = received * 2 / self.world_size  # ring: 2(N-1)/N of a tensor comes in
-        self.stats.add(comm_ms=waited_ms, wait_ms=waited_ms, emulated_ms=emulated_s * 1e3,
-                       bytes_received=int(round(received)))
+        self.stats.add(
+            comm_ms=waited_ms,
+            wait_ms=waited_ms,
+            emulated_ms=emulated_s * 1e3,
+            bytes_received=int(round(received)),
+        )
         return payloads
 
     # ---- full-precision baselines --------------------------------------------------------
@@ -239,7 +274,7 @@ class Communicator:
         """
         shape = list(x.shape)
         dim = dim % len(shape) if shape else 0
-        row_bytes = x.element_size() * math.prod(shape[:dim] + shape[dim + 1:] if shape else [])
+        row_bytes = x.element_size() * math.prod(shape[:dim] + shape[dim + 1 :] if shape else [])
         parts = self.all_gather_bytes(as_bytes(x))
         out = []
         for part in parts:
@@ -285,14 +320,17 @@ class Communicator:
         header[:_HEADER_WORDS] = torch.tensor([_OP_P2P, seq, payload.numel(), int(send_s * 1e9)])
         header[_HEADER_WORDS] = _DTYPES.index(x.dtype)
         header[_HEADER_WORDS + 1] = x.dim()
-        header[_HEADER_WORDS + 2:_HEADER_WORDS + 2 + x.dim()] = torch.tensor(x.shape)
+        header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + x.dim()] = torch.tensor(x.shape)
         peer = dist.get_global_rank(self.group, dst)
         for t in (header.to(payload.device), payload):
             if t.numel():
                 work = self._call("send", lambda t=t: dist.isend(t, peer, group=self.group))
                 self._pending_sends.append((work, t, dst))  # t must live until sent
-        self.stats.add(comm_ms=(time.perf_counter() - t_start) * 1e3, num_messages=1,
-                       bytes_sent=payload.numel())
+        self.stats.add(
+            comm_ms=(time.perf_counter() - t_start) * 1e3,
+            num_messages=1,
+            bytes_sent=payload.numel(),
+        )
 
     def wait_sends(self) -> None:
         """Block until every queued send_tensor has been received (PeerFailure on timeout)."""
@@ -325,24 +363,32 @@ class Communicator:
         header = header.cpu()
         op, got_seq, num_bytes, send_ns = (int(v) for v in header[:_HEADER_WORDS])
         if op != _OP_P2P or got_seq != seq:
-            raise PeerFailure(f"rank {self.rank}: recv #{seq} from rank {src} got "
-                              f"{_OP_NAMES.get(op, op)} #{got_seq}; send/recv order differs")
+            raise PeerFailure(
+                f"rank {self.rank}: recv #{seq} from rank {src} got "
+                f"{_OP_NAMES.get(op, op)} #{got_seq}; send/recv order differs"
+            )
         dtype = _DTYPES[int(header[_HEADER_WORDS])]
         ndim = int(header[_HEADER_WORDS + 1])
-        shape = [int(s) for s in header[_HEADER_WORDS + 2:_HEADER_WORDS + 2 + ndim]]
+        shape = [int(s) for s in header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + ndim]]
         payload = torch.empty(num_bytes, dtype=torch.uint8, device=self.device)
         if num_bytes:
             work = self._call("recv", lambda: dist.irecv(payload, peer, group=self.group))
             self._wait_work(work, f"recv from rank {src}")
         emulated_s = 0.0
         if not self.link.is_ideal:
-            emulated_s = max(0.0, send_ns * 1e-9 + self.link.transfer_time_s(num_bytes, 1)
-                             - time.time())
+            emulated_s = max(
+                0.0, send_ns * 1e-9 + self.link.transfer_time_s(num_bytes, 1) - time.time()
+            )
             if emulated_s > 0:
                 time.sleep(emulated_s)
         elapsed_ms = (time.perf_counter() - t_start) * 1e3
-        self.stats.add(comm_ms=elapsed_ms, wait_ms=elapsed_ms, emulated_ms=emulated_s * 1e3,
-                       num_messages=1, bytes_received=num_bytes)
+        self.stats.add(
+            comm_ms=elapsed_ms,
+            wait_ms=elapsed_ms,
+            emulated_ms=emulated_s * 1e3,
+            num_messages=1,
+            bytes_received=num_bytes,
+        )
         return from_bytes(payload, dtype, shape, payload.device)
 
     def now(self) -> float:
@@ -397,8 +443,9 @@ def as_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().reshape(-1).view(torch.uint8)
 
 
-def from_bytes(buf: torch.Tensor, dtype: torch.dtype, shape: list[int],
-                device: torch.device | None) -> torch.Tensor:
+def from_bytes(
+    buf: torch.Tensor, dtype: torch.dtype, shape: list[int], device: torch.device | None
+) -> torch.Tensor:
     if buf.storage_offset() % torch.empty((), dtype=dtype).element_size():
         buf = buf.clone()  # the slot is not aligned for dtype (only for the caller's own tensor)
     return buf.view(dtype).reshape(shape).to(device)

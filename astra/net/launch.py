@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "nccl" when CUDA is available, else "gloo"; other names pass through."""
+    """ "auto" -> "nccl" when CUDA is available, else "gloo"; other names pass through."""
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
@@ -47,14 +47,26 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _worker(rank: int, world_size: int, fn: Callable, args: tuple, threads_per_worker: int,
-            backend: str, port: int, collective_timeout_s: float, results: Any) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    fn: Callable,
+    args: tuple,
+    threads_per_worker: int,
+    backend: str,
+    port: int,
+    collective_timeout_s: float,
+    results: Any,
+) -> None:
     torch.set_num_threads(threads_per_worker)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
         value = fn(rank, world_size, dist.group.WORLD, *args)
@@ -74,9 +86,17 @@ def _worker(rank: int, world_size: int, fn: Callable, args: tuple, threads_per_w
         pass  # results are already delivered; the parent only reaps the process
 
 
-def spawn(fn: Callable, world_size: int, args: tuple = (), threads_per_worker: int = 1,
-          backend: str = "gloo", timeout_s: float = 120.0, port: int | None = None,
-          collective_timeout_s: float | None = None, start_method: str = "auto") -> list:
+def spawn(
+    fn: Callable,
+    world_size: int,
+    args: tuple = (),
+    threads_per_worker: int = 1,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    port: int | None = None,
+    collective_timeout_s: float | None = None,
+    start_method: str = "auto",
+) -> list:
     """Run fn(rank, world_size, group, *args) in world_size local processes; return the results.
 
     fn must be importable (module level) and return something picklable. If any rank raises or
@@ -99,9 +119,20 @@ def spawn(fn: Callable, world_size: int, args: tuple = (), threads_per_worker: i
     results = ctx.Queue()
     procs = [
         ctx.Process(
-            target=_worker, daemon=True, name=f"astra-rank{rank}",
-            args=(rank, world_size, fn, args, threads_per_worker, backend, port,
-                  collective_timeout_s, results),
+            target=_worker,
+            daemon=True,
+            name=f"astra-rank{rank}",
+            args=(
+                rank,
+                world_size,
+                fn,
+                args,
+                threads_per_worker,
+                backend,
+                port,
+                collective_timeout_s,
+                results,
+            ),
         )
         for rank in range(world_size)
     ]
@@ -119,8 +150,9 @@ def spawn(fn: Callable, world_size: int, args: tuple = (), threads_per_worker: i
                     if rank not in values and p.exitcode is not None:
                         _drain(results, values, errors, wait_s=1.0)  # its last words in flight?
                         if rank not in values and rank not in errors:
-                            errors[rank] = (f"process exited with code {p.exitcode} "
-                                            "without returning a result")
+                            errors[rank] = (
+                                f"process exited with code {p.exitcode} without returning a result"
+                            )
                         break
                 if not errors and time.monotonic() > deadline:
                     pending = [r for r in range(world_size) if r not in values]
@@ -139,11 +171,13 @@ def spawn(fn: Callable, world_size: int, args: tuple = (), threads_per_worker: i
             _drain(results, values, errors, wait_s=1.0)
             for rank, p in enumerate(procs):  # a rank that died silently is the likely cause
                 if rank not in values and rank not in errors and p.exitcode is not None:
-                    errors[rank] = (f"process exited with code {p.exitcode} "
-                                    "without returning a result")
+                    errors[rank] = (
+                        f"process exited with code {p.exitcode} without returning a result"
+                    )
             first = min(errors, key=lambda r: ("PeerFailure" in errors[r], r))
             others = "".join(
-                f"\n--- also rank {r}: {errors[r].splitlines()[0]}" for r in sorted(errors)
+                f"\n--- also rank {r}: {errors[r].splitlines()[0]}"
+                for r in sorted(errors)
                 if r != first
             )
             raise WorkerFailure(f"rank {first} failed: {errors[first]}{others}", rank=first)
@@ -193,8 +227,9 @@ def _reap(procs: list, grace_s: float) -> None:
             p.join(timeout=2.0)
 
 
-def init_from_env(backend: str = "auto", timeout_s: float = 60.0
-                  ) -> tuple[int, int, dist.ProcessGroup]:
+def init_from_env(
+    backend: str = "auto", timeout_s: float = 60.0
+) -> tuple[int, int, dist.ProcessGroup]:
     """Join the group described by torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     Returns (rank, world_size, group). With nccl, the CUDA device is LOCAL_RANK.
@@ -206,8 +241,9 @@ def init_from_env(backend: str = "auto", timeout_s: float = 60.0
     backend = resolve_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
 
 

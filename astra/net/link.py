@@ -19,10 +19,18 @@ _LATENCY_EXAMPLES = '"20ms", "0.5s", "250us", "0"'
 
 # unit -> megabits per second per unit; bits ("mbit", "mbps") and bytes ("MBps", "MB/s") both work
 _BANDWIDTH_UNITS = {
-    "bit": 1e-6, "bps": 1e-6, "b/s": 1e-6,
-    "kbit": 1e-3, "kbps": 1e-3, "kb/s": 1e-3,
-    "mbit": 1.0, "mbps": 1.0, "mb/s": 1.0,
-    "gbit": 1e3, "gbps": 1e3, "gb/s": 1e3,
+    "bit": 1e-6,
+    "bps": 1e-6,
+    "b/s": 1e-6,
+    "kbit": 1e-3,
+    "kbps": 1e-3,
+    "kb/s": 1e-3,
+    "mbit": 1.0,
+    "mbps": 1.0,
+    "mb/s": 1.0,
+    "gbit": 1e3,
+    "gbps": 1e3,
+    "gb/s": 1e3,
 }
 _BYTE_UNITS = {"kbyteps": 8e-3, "mbyteps": 8.0, "gbyteps": 8e3}
 _LATENCY_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "": None}

@@ -245,8 +245,9 @@ class LockstepComm:
         self._charge_compute()
         self._seq += 1
         coll = self.group.collectives.setdefault(self._seq, _Collective("barrier"))
-        coll.messages[self.rank] = _Message(torch.zeros(0, dtype=torch.uint8),
-                                            self.group.clock_s[self.rank])
+        coll.messages[self.rank] = _Message(
+            torch.zeros(0, dtype=torch.uint8), self.group.clock_s[self.rank]
+        )
         self._block_until(lambda: len(coll.messages) == self.world_size)
         self._advance_to(max(m.send_s for m in coll.messages.values()))
         self._resume()

@@ -64,8 +64,16 @@ def bp_rank_forward(
     Shards `model` in place (pass each rank its own copy). See the module docstring: only the
     compute and the bytes are faithful; the returned hidden states are not the model's output.
     """
-    syncs = set(sync_points(len(model.blocks), num_syncs))
+    sync_points(len(model.blocks), num_syncs)  # validate before touching the model
     apply_block_parallel_(model, rank, world_size, comm)
+    return bp_forward(rank, world_size, comm, model, x_full, num_syncs)
+
+
+def bp_forward(
+    rank: int, world_size: int, comm, model: nn.Module, x_full: Tensor, num_syncs: int = 1
+) -> BlockParallelOutput:
+    """One pass of an already sharded model (apply_block_parallel_); see bp_rank_forward."""
+    syncs = set(sync_points(len(model.blocks), num_syncs))
     positions, mask = full_sequence_mask(model, x_full.shape[1])
     D = x_full.shape[-1]
     sizes = even_sizes(D, world_size)
@@ -75,6 +83,6 @@ def bp_rank_forward(
         x = block(x, positions, mask)
         if i in syncs:
             with comm.stats.phase("bp.sync"):
-                parts = comm.all_gather_tensor(x[..., d0:d0 + sizes[rank]], dim=-1)
+                parts = comm.all_gather_tensor(x[..., d0 : d0 + sizes[rank]], dim=-1)
             x = torch.cat(parts, dim=-1)  # (1, T, D): each rank's own channels
     return BlockParallelOutput(hidden=x, num_syncs=num_syncs)

@@ -40,8 +40,9 @@ def stage_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
     return split_ranges(num_layers, num_stages, "stages", "layers")
 
 
-def check_pipeline(model: nn.Module, num_stages: int, num_tokens: int, num_chunks: int,
-                   dtype: torch.dtype) -> None:
+def check_pipeline(
+    model: nn.Module, num_stages: int, num_tokens: int, num_chunks: int, dtype: torch.dtype
+) -> None:
     stage_ranges(len(model.blocks), num_stages)
     if num_chunks != 1 and not getattr(model, "causal", False):
         raise ValueError(

@@ -157,8 +157,9 @@ def shard_block_(block: nn.Module, rank: int, world_size: int, comm, reduce) -> 
         h0, h1 = _offset(even_sizes(H_all, world_size), rank)
         H, Hkv, q0 = h1 - h0, h1 - h0, h0 * hd
         group = H_all // Hkv_all
-        rows = torch.cat([torch.arange(h // group * hd, (h // group + 1) * hd)
-                          for h in range(h0, h1)])
+        rows = torch.cat(
+            [torch.arange(h // group * hd, (h // group + 1) * hd) for h in range(h0, h1)]
+        )
         attn.k_proj = _row_gather(attn.k_proj, rows)
         attn.v_proj = _row_gather(attn.v_proj, rows)
     attn.q_proj = _column_slice(attn.q_proj, q0, q0 + H * hd)
@@ -200,6 +201,11 @@ def tp_rank_forward(rank: int, world_size: int, comm, model: nn.Module, x_full: 
     (1, T, D), identical on every rank and equal to the single-device blocks' output.
     """
     apply_tensor_parallel_(model, rank, world_size, comm)
+    return tp_forward(model, x_full)
+
+
+def tp_forward(model: nn.Module, x_full: Tensor) -> Tensor:
+    """One pass of an already sharded model (apply_tensor_parallel_) over x_full (1, T, D)."""
     positions, mask = full_sequence_mask(model, x_full.shape[1])
     x = x_full
     for block in model.blocks:

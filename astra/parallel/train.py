@@ -191,9 +191,7 @@ def finetune(
             with torch.no_grad():
                 x_t = task.embed(teacher.model, batch)
                 with _swapped_probe(task, teacher_probe):
-                    reference = task.outputs(
-                        teacher.model, teacher.forward_hidden(x_t, None, mask)
-                    )
+                    reference = task.outputs(teacher.model, teacher.forward_hidden(x_t, None, mask))
         if isinstance(task, SentenceEmbedding):
             task_loss = task.loss(outputs, batch, reference)
         else:
