@@ -34,7 +34,7 @@ from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import apply_astra
-from astra.runner import Job, RunConfig, _embed, build_inputs, run_ranks
+from astra.runner import Job, RunConfig, build_inputs, embed_inputs, run_ranks
 
 BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
 
@@ -81,7 +81,7 @@ def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Pa
     a realistic code distribution, at no calibration cost (timing does not depend on values)."""
     model = load_model(model_dir)
     astra = apply_astra(model, config)
-    x = _embed(model, inputs)
+    x = embed_inputs(model, inputs)
     recorded = astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
     for quantizer, parts in zip(astra.quantizers, recorded):
         for codebook, samples in zip(quantizer.codebooks, parts):
@@ -113,7 +113,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     artefacts: dict[int, Path] = {}
     # warm up the math libraries once, outside any timed pass
     with torch.no_grad():
-        _embed(
+        embed_inputs(
             base, build_inputs(RunConfig(model=config.model, tokens=8, image_size=28), model_dir)[0]
         )
     singles: dict[int, float] = {}

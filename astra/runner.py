@@ -14,6 +14,7 @@ one device at a time, and composes the critical path with the link model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -129,7 +130,8 @@ def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
     )
 
 
-def _embed(model, inputs: dict) -> torch.Tensor:
+def embed_inputs(model, inputs: dict) -> torch.Tensor:
+    """The built-in inputs ({'pixels'} or {'input_ids'}) embedded by the model: (1, T, D)."""
     if "pixels" in inputs:
         return model.embed(inputs["pixels"])
     ids = inputs["input_ids"]
@@ -153,7 +155,7 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     """One device's whole job: warm up, timed prefill, then decode on the last token's device."""
     model, quantizers = _load(job)
     now = comm.now
-    x_full = _embed(model, job.inputs)
+    x_full = embed_inputs(model, job.inputs)
     if job.method == "single":
         return _single(model, x_full, job, now)
     if job.method in BASELINES:
@@ -365,7 +367,7 @@ def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
         base = job.model if job.model is not None else load_model(job.model_dir)
         jobs = []
         for _ in range(world_size):
-            jobs.append(Job(**{**asdict_shallow(job), "model": share_weights_copy(base)}))
+            jobs.append(dataclasses.replace(job, model=share_weights_copy(base)))
         results, _, _ = run_lockstep(
             lambda r, n, c: rank_main(r, n, c, jobs[r]),
             world_size,
@@ -373,10 +375,6 @@ def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
             timeout_s=job.timeout_s,
         )
     return results
-
-
-def asdict_shallow(job: Job) -> dict:
-    return {f: getattr(job, f) for f in job.__dataclass_fields__}
 
 
 def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict:
@@ -409,10 +407,6 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
     if cache is not None:
         record["kv_cache"] = cache
     return record
-
-
-def as_json(record: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
 
 
 def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:

@@ -75,8 +75,10 @@ def test_artefact_for_another_model_is_refused(tiny, tmp_path, capsys):
     art = save_artefact(tmp_path / "a.pt", astra, dir_a)
     with pytest.raises(ArtefactMismatchError, match="was made for the model with checksum"):
         load_astra(art, load_model(dir_b), dir_b)
-    for cmd in (["eval", "--model", str(dir_b), "--artefacts", str(art)],
-                ["finetune", "--model", str(dir_b), "--init", str(art), "--steps", "1"]):
+    for cmd in (
+        ["eval", "--model", str(dir_b), "--artefacts", str(art)],
+        ["finetune", "--model", str(dir_b), "--init", str(art), "--steps", "1"],
+    ):
         assert main(cmd + _small()) == 2
         line = _error_line(capsys)
         assert line.startswith("astra: error: ") and "was made for the model with checksum" in line
@@ -116,19 +118,77 @@ def test_calibrate_eval_round_trip_through_the_library(tiny):
 def test_cli_calibrate_finetune_eval(tiny, tmp_path, capsys):
     dir_a, _ = tiny
     cal, ft = tmp_path / "cal.pt", tmp_path / "ft.pt"
-    assert main(["calibrate", "--model", str(dir_a), "--groups", "2", "--codebook-size", "8",
-                 "--point", "kv", "--sequences", "8", "--out", str(cal), *_small()]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(dir_a),
+                "--groups",
+                "2",
+                "--codebook-size",
+                "8",
+                "--point",
+                "kv",
+                "--sequences",
+                "8",
+                "--out",
+                str(cal),
+                *_small(),
+            ]
+        )
+        == 0
+    )
     assert "relative quantization error" in capsys.readouterr().out
-    assert main(["finetune", "--model", str(dir_a), "--init", str(cal), "--devices", "2",
-                 "--steps", "2", "--lr", "1e-3", "--placement", "mixed", "--out", str(ft),
-                 *_small()]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(dir_a),
+                "--init",
+                str(cal),
+                "--devices",
+                "2",
+                "--steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--placement",
+                "mixed",
+                "--out",
+                str(ft),
+                *_small(),
+            ]
+        )
+        == 0
+    )
     out_json = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(dir_a), "--artefacts", str(cal), str(ft),
-                 "--devices", "1,4", "--limit", "4", "--json", str(out_json), *_small()]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(dir_a),
+                "--artefacts",
+                str(cal),
+                str(ft),
+                "--devices",
+                "1,4",
+                "--limit",
+                "4",
+                "--json",
+                str(out_json),
+                *_small(),
+            ]
+        )
+        == 0
+    )
     assert "| ASTRA fine-tuned |" in capsys.readouterr().out
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["method"] for r in rows] == ["full precision"] + ["ASTRA calibrated"] * 2 + [
-        "ASTRA fine-tuned"] * 2
+        "ASTRA fine-tuned"
+    ] * 2
     assert all(math.isfinite(r["metric"]) for r in rows)
     # one device: no remote tokens, so the calibrated model is exactly full precision
     assert rows[1]["metric"] == pytest.approx(rows[0]["metric"], rel=1e-6)
@@ -146,9 +206,18 @@ def _finetune(dir_a, checkpoint=None, on_checkpoint=None):
     task = SyntheticLM(model, dir_a, TaskConfig(seq_len=16, batch_size=4))
     astra = apply_astra(model, AstraConfig(num_groups=2, codebook_size=8, noise_lambda=1.0))
     calibrate_(astra, task, num_sequences=8, kmeans_iters=2, progress=False)
-    history = finetune(astra, task, num_devices=2, steps=4, lr=1e-3, placement_kind="mixed",
-                       checkpoint=checkpoint, checkpoint_every=1, progress=False,
-                       on_checkpoint=on_checkpoint)
+    history = finetune(
+        astra,
+        task,
+        num_devices=2,
+        steps=4,
+        lr=1e-3,
+        placement_kind="mixed",
+        checkpoint=checkpoint,
+        checkpoint_every=1,
+        progress=False,
+        on_checkpoint=on_checkpoint,
+    )
     return astra, history
 
 

@@ -185,7 +185,14 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=1e-5,
-        help="peak AdamW learning rate, cosine-decayed to 0 (default 1e-5)",
+        help="peak AdamW learning rate, warmed up then cosine-decayed to 0 (default 1e-5; "
+        "DINOv2-S with its cached linear head needed ~2e-6)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="linear warm-up steps (default: a tenth of --steps)",
     )
     p.add_argument(
         "--beta", type=float, default=2e-4, help="commitment weight beta of Eq. 2 (default 2e-4)"
@@ -528,6 +535,7 @@ def finetune_command(args) -> dict:
         train_limit=args.train_limit,
         checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every,
+        warmup_steps=args.warmup,
         seed=args.seed,
         progress=progress,
     )
@@ -546,6 +554,7 @@ def finetune_command(args) -> dict:
             "devices",
             "steps",
             "lr",
+            "warmup",
             "beta",
             "lam",
             "distill",

@@ -116,6 +116,7 @@ def finetune(
     train_limit: int | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    warmup_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
     on_checkpoint=None,
@@ -127,7 +128,8 @@ def finetune(
          + sum over blocks of beta * ||x - sg(x_hat)||^2.
     Codebooks follow their inputs by EMA (no codebook loss term, as in the paper). With
     `checkpoint`, training state is saved every `checkpoint_every` steps and resumed from it.
-    `on_checkpoint(step)` lets the caller also write an artefact.
+    `on_checkpoint(step)` lets the caller also write an artefact. The learning rate warms up
+    linearly over `warmup_steps` (default a tenth of `steps`), then follows a cosine to 0.
     """
     torch.manual_seed(seed)
     probe = getattr(task, "probe", None)
@@ -165,7 +167,15 @@ def finetune(
         if start >= steps:
             astra.eval()
             return history
-    schedule = lambda step: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))  # noqa: E731
+    # linear warm-up, then cosine to 0: without warm-up Adam's first steps are full-size sign
+    # updates, and one of them at lr 3e-5 wrecked DINOv2-S (task loss 0.45 -> 9.3 in one step)
+    warmup = min(warmup_steps, steps // 2) if warmup_steps is not None else steps // 10
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
     # lazily, epoch after epoch: a list of every batch would hold all 50k Fashion-MNIST images
     data = itertools.chain.from_iterable(
         task.batches("train", train_limit) for _ in itertools.count()

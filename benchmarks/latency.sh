@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reproduces benchmarks/latency.md. Run on an otherwise idle machine: timings are CPU-bound.
+# Every `astra bench` call writes bench.json (records + the exact command), bench.md, bench.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+A=.venv/bin/astra
+R=benchmarks/results/latency
+ALL=single,astra,sp-fp32,sp-fp16,tp,pp,bp
+
+# 1. Targets at 2 devices: real worker processes over gloo, 10 Mbit/s + 20 ms emulated.
+$A bench --mode processes --model smollm2-135m --tokens 1024 --devices 2 --bandwidths 10mbit \
+    --methods single,astra,sp-fp32,tp,pp,bp --out $R/smollm2-2dev-processes
+$A bench --mode processes --model dinov2-s --tokens 1025 --devices 2 --bandwidths 10mbit \
+    --methods single,astra,sp-fp32,tp,pp,bp --tables --out $R/dinov2-2dev-processes
+
+# 2. Sweeps, composed mode (each device's compute measured alone; critical path composed).
+$A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit,100mbit,1gbit \
+    --methods $ALL --out $R/smollm2-sweep
+$A bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit,100mbit,1gbit \
+    --methods $ALL --tables --out $R/dinov2-sweep
+
+# 3. Where the time goes / which variant wins (composed, 10 Mbit/s, 20 ms).
+$A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
+    --methods single,astra --placement zigzag --out $R/smollm2-zigzag
+$A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
+    --methods single,astra --point hidden --tables --out $R/smollm2-hidden-tables
+$A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
+    --methods single,astra --codebook-size 256 --out $R/smollm2-k256
+$A bench --model smollm2-135m --tokens 1024 --devices 2 --bandwidths 10mbit \
+    --methods single,astra --groups 32 --out $R/smollm2-g32
+$A bench --model smollm2-135m --tokens 1024 --devices 2 --bandwidths 10mbit \
+    --methods single,astra --no-overlap --out $R/smollm2-no-overlap
+$A bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit \
+    --methods single,astra --out $R/dinov2-no-tables
+$A bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit \
+    --methods single,astra --point kv --out $R/dinov2-kv
+
+# 4. The main job at its defaults (SmolLM2, 2 devices, 10 Mbit/s, 20 ms), as JSON.
+$A run --json $R/run-default.json
