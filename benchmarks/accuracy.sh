@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy tables for issue 3 (benchmarks/accuracy.md): full precision vs ASTRA calibrated /
 # fine-tuned on 4 simulated devices. CPU-sized limits (2 shared cores): see accuracy.md.
-#   benchmarks/accuracy.sh [dinov2|dinov2-ft|smollm2|smollm2-ft|minilm|ablations] ...  (default: all)
+#   benchmarks/accuracy.sh [dinov2|dinov2-ft|smollm2|minilm|ablations] ...  (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASTRA="nice -n 10 .venv/bin/astra"
@@ -23,8 +23,8 @@ dinov2() {  # Table 1 analogue: Fashion-MNIST top-1, 112 px = 64 patches + CLS, 
 
 dinov2_ft() {  # short fine-tunes from the calibrated codebooks, G=32 then G=1
   for g in 32 1; do
-    $ASTRA finetune $DINO --init $A/dino-g$g.pt --devices 4 --steps ${DINO_STEPS:-40} \
-      --batch-size 8 --lr 3e-5 --beta 2e-4 --lam 1.0 --placement mixed \
+    $ASTRA finetune $DINO --init $A/dino-g$g.pt --devices 4 --steps ${DINO_STEPS:-60} \
+      --batch-size 8 --lr 2e-6 --beta 2e-4 --lam 1.0 --placement mixed \
       --checkpoint $A/dino-g$g-ft.ckpt --checkpoint-every 10 --out $A/dino-g$g-ft.pt \
       --json $R/dinov2_finetune_g$g.json --no-progress
   done
@@ -52,7 +52,7 @@ minilm() {  # cosine similarity to the full-precision embeddings, 4 devices
 
 ablations() {  # Tables 12-14 analogues on DINOv2 G=1 (largest effects), short fine-tunes
   local common="$DINO --init $A/dino-g1.pt --devices 4 --steps ${ABL_STEPS:-20} --batch-size 8 \
-    --lr 3e-5 --placement mixed --no-progress"
+    --lr 2e-6 --placement mixed --no-progress"
   $ASTRA finetune $common --lam 0 --out $A/abl-lam0.pt --json $R/abl_lam0.json
   $ASTRA finetune $common --lam 1 --out $A/abl-lam1.pt --json $R/abl_lam1.json
   $ASTRA finetune $common --class-tokens single --out $A/abl-single.pt --json $R/abl_single.json
@@ -61,6 +61,8 @@ ablations() {  # Tables 12-14 analogues on DINOv2 G=1 (largest effects), short f
   $ASTRA eval $DINO --artefacts $A/abl-lam0.pt $A/abl-lam1.pt $A/abl-single.pt $A/abl-beta0.pt \
     $A/abl-beta025.pt --devices 4 --limit 300 --json $R/ablations_eval.json \
     --no-progress
+  $ASTRA eval $DINO --artefacts $A/dino-g1.pt --devices 4 --limit 300 --no-full-precision \
+    --json $R/ablations_eval_calibrated_ref.json --no-progress
 }
 
 stages=("$@")
