@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from astra import runner
 from astra.runner import RunConfig, run_inference
@@ -38,3 +39,34 @@ def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch
 def test_run_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RunConfig(**kwargs)
+
+
+def test_torchrun_two_ranks_run_astra(tiny_llama_dir, tmp_path):
+    """The README's multi-machine command, as two local ranks: rank 0 prints the result."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from astra.models import load_model
+    from astra.parallel.artefact import save_artefact
+    from astra.parallel.config import AstraConfig
+    from astra.parallel.simulate import apply_astra
+
+    astra = apply_astra(load_model(tiny_llama_dir), AstraConfig(quant_point="kv", num_groups=1))
+    for quantizer in astra.quantizers:  # timing codebooks: right shapes, arbitrary values
+        for codebook in quantizer.codebooks:
+            codebook.kmeans_init_(torch.randn(2048, codebook.config.dim), num_iters=0,
+                                  init="random")
+    artefact = save_artefact(tmp_path / "cb.pt", astra, tiny_llama_dir)
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "astra.cli.main", "run", "--model", str(tiny_llama_dir), "--tokens", "48",
+           "--new-tokens", "3", "--artefact", str(artefact), "--bandwidth", "inf",
+           "--latency", "0", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())["records"][0]
+    assert record["method"] == "astra" and record["mode"] == "torchrun"
+    assert record["tokens_per_device"] == [24, 24] and len(record["generated_ids"]) == 3

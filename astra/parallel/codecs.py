@@ -50,13 +50,17 @@ class CodesCodec:
     def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
         return self.rebuild_kv(attn, self.receive(payload, num_tokens))
 
-    def _lookup_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
-        codebook = self.quantizer.codebooks[0]
-        if self.tables is None:
+    def prepare(self, attn: Attention) -> None:
+        """Build the per-code projection tables once, when the model is set up (not per pass)."""
+        if self.use_tables and self.tables is None:
+            codebook = self.quantizer.codebooks[0]
             self.tables = (
                 codebook.lookup_table(attn.k_proj.weight, attn.k_proj.bias),
                 codebook.lookup_table(attn.v_proj.weight, attn.v_proj.bias),
             )
+
+    def _lookup_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
+        self.prepare(attn)
         k = table_sum(self.tables[0], codes)  # (1, n, Dkv)
         v = table_sum(self.tables[1], codes)
         return _split_heads(k, attn.num_kv_heads), _split_heads(v, attn.num_kv_heads)

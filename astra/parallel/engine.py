@@ -84,6 +84,8 @@ def install_rank_attention(
     """Replace every block's attention with its per-rank version (in place, this rank only)."""
     for i, (block, codec) in enumerate(zip(model.blocks, codecs)):
         inner = getattr(block.attn, "inner", block.attn)  # unwrap a previous wrapper
+        if hasattr(codec, "prepare"):
+            codec.prepare(inner)
         block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap, block=i, loss=loss)
 
 
