@@ -40,6 +40,7 @@ from astra.parallel.engine import (
 )
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
+from astra.parallel.simulate import effective_class_tokens
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
 BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
@@ -118,6 +119,35 @@ class Job:
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
+def job_for(
+    config: RunConfig,
+    method: str,
+    world_size: int,
+    model_dir: Path,
+    artefact: Path | None,
+    inputs: dict,
+    class_tokens: str,
+    decoder: bool,
+) -> Job:
+    """The Job every rank runs for `method`, from the user's RunConfig (processes, composed
+    mode and torchrun alike)."""
+    return Job(
+        method=method,
+        model_dir=str(model_dir),
+        artefact=str(artefact) if artefact else None,
+        inputs=inputs,
+        placement=PlacementConfig(world_size, kind=config.placement),
+        class_tokens=class_tokens,
+        new_tokens=config.new_tokens,
+        link=config.link,
+        timeout_s=config.timeout_s,
+        overlap=config.overlap,
+        use_tables=config.use_tables,
+        decoder=decoder,
+        loss_rate=config.loss_rate,
+    )
+
+
 def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
     from astra.hub import model_checksum
 
@@ -160,7 +190,8 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
         return _single(model, x_full, job, now)
     if job.method in BASELINES:
         return _baseline(rank, world_size, comm, model, x_full, job)
-    seq = build_sequence_layout(x_full.shape[1], job.placement, job.class_tokens)
+    class_tokens = effective_class_tokens(model, job.class_tokens)
+    seq = build_sequence_layout(x_full.shape[1], job.placement, class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
     codecs = make_codecs(job.method, quantizers, job.use_tables)
@@ -476,21 +507,7 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
     records = []
     for method in config.methods:
         world = 1 if method == "single" else config.devices
-        job = Job(
-            method=method,
-            model_dir=str(model_dir),
-            artefact=str(artefact) if artefact else None,
-            inputs=inputs,
-            placement=PlacementConfig(world, kind=config.placement),
-            class_tokens=class_tokens,
-            new_tokens=config.new_tokens,
-            link=config.link,
-            timeout_s=config.timeout_s,
-            overlap=config.overlap,
-            use_tables=config.use_tables,
-            decoder=decoder,
-            loss_rate=config.loss_rate,
-        )
+        job = job_for(config, method, world, model_dir, artefact, inputs, class_tokens, decoder)
         log(f"running {method} on {world} device(s)...")
         t0 = time.perf_counter()
         records.append(run_method(job, world, "processes" if method == "single" else mode))
@@ -547,20 +564,8 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
         if config.artefact is None and rank == 0:
             dist.barrier(group)
         class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
-        job = Job(
-            method="astra",
-            model_dir=str(model_dir),
-            artefact=str(artefact),
-            inputs=inputs,
-            placement=PlacementConfig(world_size, kind=config.placement),
-            class_tokens=class_tokens,
-            new_tokens=config.new_tokens,
-            link=config.link,
-            timeout_s=config.timeout_s,
-            overlap=config.overlap,
-            use_tables=config.use_tables,
-            decoder=decoder,
-        )
+        job = job_for(config, "astra", world_size, model_dir, artefact, inputs, class_tokens,
+                      decoder)
         comm = Communicator(group, config.link, timeout_s=config.timeout_s)
         result = rank_main(rank, world_size, comm, job)
         gathered: list = [None] * world_size

@@ -126,10 +126,7 @@ class AstraModel(nn.Module):
 
     @property
     def class_tokens(self) -> str:
-        """The effective class-token mode: only models that read their class token use one."""
-        if getattr(self.model, "num_prefix_tokens", 0) == 0 or getattr(self.model, "causal", False):
-            return "none"
-        return self.config.class_tokens
+        return effective_class_tokens(self.model, self.config.class_tokens)
 
     def attentions(self) -> list[MixedPrecisionAttention]:
         return [block.attn for block in self.model.blocks]
@@ -215,6 +212,13 @@ class AstraModel(nn.Module):
                 [torch.cat([c[i].flatten(0, -2) for c in per_call]) for i in range(num_parts)]
             )
         return out
+
+
+def effective_class_tokens(model: nn.Module, requested: str) -> str:
+    """Only encoders with a class token use one; decoders and models without one get "none"."""
+    if getattr(model, "num_prefix_tokens", 0) == 0 or getattr(model, "causal", False):
+        return "none"
+    return requested
 
 
 def apply_astra(model: nn.Module, config: AstraConfig) -> AstraModel:
