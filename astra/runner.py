@@ -516,6 +516,11 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
     for r in records:
         if single is not None:
             r["speedup_vs_single"] = single["ttft_ms"] / r["ttft_ms"]
+    if single is not None and "output" in single:  # encoders: how close each output is
+        for r in records:
+            if "output" in r:
+                cos = torch.nn.functional.cosine_similarity(r["output"], single["output"], dim=0)
+                r["cosine_to_single"] = float(cos)
     sp = next((r for r in records if r["method"] == "sp-fp32"), None)
     astra_rec = next((r for r in records if r["method"] == "astra"), None)
     if sp is not None and astra_rec is not None:
@@ -564,8 +569,9 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
         if config.artefact is None and rank == 0:
             dist.barrier(group)
         class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
-        job = job_for(config, "astra", world_size, model_dir, artefact, inputs, class_tokens,
-                      decoder)
+        job = job_for(
+            config, "astra", world_size, model_dir, artefact, inputs, class_tokens, decoder
+        )
         comm = Communicator(group, config.link, timeout_s=config.timeout_s)
         result = rank_main(rank, world_size, comm, job)
         gathered: list = [None] * world_size

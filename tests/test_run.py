@@ -70,3 +70,22 @@ def test_torchrun_two_ranks_run_astra(tiny_llama_dir, tmp_path):
     record = json.loads(out.read_text())["records"][0]
     assert record["method"] == "astra" and record["mode"] == "torchrun"
     assert record["tokens_per_device"] == [24, 24] and len(record["generated_ids"]) == 3
+
+
+def test_run_inference_encoder_outputs_match(tmp_path, monkeypatch):
+    """A tiny DINOv2: full-precision SP reproduces one device's class token exactly (cos 1)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, patch_size=14, image_size=56)).save_pretrained(
+        model_dir)
+    monkeypatch.setattr(runner, "default_artefact", lambda d, cfg: tmp_path / "cb.pt")
+    config = RunConfig(model=str(model_dir), devices=2, image_size=56, mode="composed",
+                       methods=("single", "astra", "sp-fp32"))
+    rows = {r["method"]: r for r in run_inference(config, progress=False,
+                                                  log=lambda m: None)["records"]}
+    assert rows["sp-fp32"]["cosine_to_single"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < rows["astra"]["cosine_to_single"] <= 1.0 + 1e-6
+    assert rows["astra"]["tokens_per_device"] == [9, 9]  # 16 patches split 8/8 + a CLS replica each

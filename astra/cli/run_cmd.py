@@ -206,6 +206,12 @@ def print_summary(summary: dict) -> None:
             f"{max(r['wait_ms_per_device']):>9.1f} {_bytes(max(r['bytes_sent_per_device'])):>10} "
             f"{_speedup(r.get('speedup_vs_single')):>8}"
         )
+    for r in summary["records"]:
+        if "cosine_to_single" in r and r["method"] != "single":
+            print(
+                f"output ({r['method']}): cosine similarity to the single device's "
+                f"{r['cosine_to_single']:.4f}"
+            )
     astra = next((r for r in summary["records"] if r["method"] == "astra"), None)
     if astra is not None:
         parts = []
