@@ -33,6 +33,7 @@ from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
+from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
 from astra.runner import Job, RunConfig, build_inputs, embed_inputs, run_ranks
 
@@ -56,6 +57,7 @@ class BenchConfig:
     pp_chunks: int = 4  # pipeline chunks for decoders (encoders: 1)
     bp_syncs: int = 1  # Nb for block parallelism
     overlap: bool = True
+    exchange: str = "auto"  # see astra.parallel.runtime: stream causal prefills, else all-gather
     use_tables: bool = False  # hidden point: rebuild remote K/V with per-code projection tables
     timeout_s: float = 900.0
 
@@ -72,6 +74,8 @@ class BenchConfig:
                 f"processes mode needs one core per device: {max(self.devices)} devices, "
                 f"{os.cpu_count()} cores; use --mode composed"
             )
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
         if not self.bandwidths_mbps or min(self.bandwidths_mbps) <= 0:
             raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
 
@@ -148,6 +152,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
             link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
             timeout_s=config.timeout_s,
             overlap=config.overlap,
+            exchange=config.exchange,
             use_tables=config.use_tables,
             decoder=decoder,
             decode=False,  # the bench times the prefill (time to the first token's logits)
@@ -172,7 +177,9 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
                 }
             )
             continue
-        record = _record(config, method, world, tokens, bw, results, family, astra_config, artefact)
+        record = _record(
+            config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
+        )
         record["wall_s"] = round(time.perf_counter() - t0, 2)
         if method == "single":
             singles[tokens] = record["total_ms"]
@@ -184,7 +191,9 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     return records
 
 
-def _record(config, method, world, tokens, bw, results, family, astra_config, artefact) -> dict:
+def _record(
+    config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
+) -> dict:
     # stats were reset right before the timed pass: the totals are that pass (the baselines
     # file their traffic under their own phases, e.g. tp.attn, pp, bp.sync)
     prefill = [r["comm"] for r in results]
@@ -215,6 +224,11 @@ def _record(config, method, world, tokens, bw, results, family, astra_config, ar
         },
         "tables": config.use_tables if method == "astra" else None,
         "placement": config.placement,
+        "exchange": (
+            resolve_exchange(config.exchange, decoder)
+            if method in ("astra", "sp-fp32", "sp-fp16")
+            else None
+        ),
         "codebooks": (
             None
             if method != "astra"

@@ -39,7 +39,12 @@ from astra.parallel.engine import (
     sequence_parallel_forward,
 )
 from astra.parallel.placement import PlacementConfig
-from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
+from astra.parallel.runtime import (
+    EXCHANGES,
+    DecodeAttention,
+    restore_attention_,
+    use_causal_kernel_,
+)
 from astra.parallel.simulate import effective_class_tokens
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
@@ -64,6 +69,7 @@ class RunConfig:
     mode: str = "auto"
     placement: str = "contiguous"  # token -> device: contiguous, zigzag (balanced causal), random
     overlap: bool = True  # overlap the code exchange with local attention
+    exchange: str = "auto"  # auto: stream causal prefills point-to-point, all-gather otherwise
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # every collective, and the whole run
     loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
@@ -82,6 +88,8 @@ class RunConfig:
         if bad or not self.methods:
             raise ValueError(f"methods {list(self.methods)}: each must be one of {METHODS}")
         PlacementConfig(self.devices, kind=self.placement)  # validates the kind
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
 
@@ -111,6 +119,7 @@ class Job:
     overlap: bool
     use_tables: bool
     decoder: bool
+    exchange: str = "auto"
     loss_rate: float = 0.0
     decode: bool = True  # decoders: generate new_tokens after the prefill (False: TTFT only)
     warmup: bool = True  # one untimed pass first (allocators, math library start-up)
@@ -142,6 +151,7 @@ def job_for(
         link=config.link,
         timeout_s=config.timeout_s,
         overlap=config.overlap,
+        exchange=config.exchange,
         use_tables=config.use_tables,
         decoder=decoder,
         loss_rate=config.loss_rate,
@@ -200,9 +210,14 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
     loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
     if job.warmup:
-        install_rank_attention(model, codecs, layout, warm or comm, job.overlap, loss=loss)
+        install_rank_attention(
+            model, codecs, layout, warm or comm, job.overlap, loss=loss, exchange=job.exchange
+        )
         sequence_parallel_forward(model, x_full, layout)
-    install_rank_attention(model, codecs, layout, comm, job.overlap, loss=loss)
+        (warm or comm).wait_sends()
+    install_rank_attention(
+        model, codecs, layout, comm, job.overlap, loss=loss, exchange=job.exchange
+    )
     for block in model.blocks:
         block.attn.timings = {}  # where the time goes, per stage (a few clock reads per block)
         if job.decoder and job.decode and rank == decode_rank:
@@ -234,6 +249,7 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
         out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
         out["output"] = output
         out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+    comm.wait_sends()  # streamed codes: delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
 

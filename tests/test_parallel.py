@@ -26,12 +26,12 @@ ATOL_EXACT = 1e-5
 ATOL_RUNTIME = 1e-4
 
 
-def tiny_llama(seed: int = 0) -> Llama:
+def tiny_llama(seed: int = 0, num_layers: int = 2) -> Llama:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=97,
         dim=48,
-        num_layers=2,
+        num_layers=num_layers,
         num_heads=6,
         num_kv_heads=2,
         head_dim=8,
@@ -184,7 +184,7 @@ def test_lse_merge_equals_attention_over_the_union():
 
 def _lockstep_vs_simulation(
     model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous",
-    loss=None,
+    loss=None, exchange="auto", latency_ms=20.0,
 ):
     astra = apply_astra(copy.deepcopy(model), astra_cfg)
     calibrate_(astra, lambda: astra.forward_hidden(inputs_x, None))
@@ -208,9 +208,10 @@ def _lockstep_vs_simulation(
                 method=method,
                 overlap=overlap,
                 loss=loss,
+                exchange=exchange,
             )
 
-    link = LinkConfig(bandwidth_mbps=10.0, latency_ms=20.0)
+    link = LinkConfig(bandwidth_mbps=10.0, latency_ms=latency_ms)
     outs, clocks, computes = run_lockstep(fn, num_devices, link)
     return sim, seq, outs, clocks, computes
 
@@ -218,17 +219,38 @@ def _lockstep_vs_simulation(
 @pytest.mark.parametrize("point", ["hidden", "kv"])
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("kind", ["contiguous", "zigzag", "random"])
-def test_lockstep_runtime_matches_simulation_decoder(point, overlap, kind):
+@pytest.mark.parametrize("exchange", ["stream", "all-gather"])
+def test_lockstep_runtime_matches_simulation_decoder(point, overlap, kind, exchange):
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 19))).detach()
     cfg = AstraConfig(quant_point=point, num_groups=2, codebook_size=16)
-    sim, seq, outs, clocks, _ = _lockstep_vs_simulation(model, x, cfg, 3, overlap=overlap,
-                                                        kind=kind)
+    sim, seq, outs, clocks, _ = _lockstep_vs_simulation(
+        model, x, cfg, 3, overlap=overlap, kind=kind, exchange=exchange
+    )
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
-    # 2 blocks x 20 ms one-way latency at least
-    assert max(clocks) >= 2 * 0.020
+    # at least one 20 ms latency (all-gather: one per block, 2 blocks)
+    assert max(clocks) >= (2 if exchange == "all-gather" else 1) * 0.020
+
+
+def test_streaming_pays_latency_per_device_boundary_not_per_block():
+    """Causal prefill, contiguous placement: with streaming, rank r waits only for ranks < r,
+    which ran ahead, so the last rank finishes after about (N-1) latencies of link time, not
+    one per block as with an all-gather (module doc of astra.parallel.runtime)."""
+    model = tiny_llama(num_layers=6)
+    x = model.embed(torch.randint(0, 97, (1, 16))).detach()
+    cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    latency_s = 0.5  # virtual time (lockstep): large, so the tiny model's compute is negligible
+    clocks = {}
+    for exchange in ("stream", "all-gather"):
+        sim, seq, outs, clocks[exchange], _ = _lockstep_vs_simulation(
+            model, x, cfg, 2, exchange=exchange, latency_ms=latency_s * 1e3
+        )
+        torch.testing.assert_close(outs[1], sim[:, 8:], rtol=0, atol=ATOL_RUNTIME)
+    assert latency_s <= clocks["stream"][1] < 2 * latency_s  # one boundary
+    assert clocks["stream"][0] < 0.5 * latency_s  # rank 0 never waits
+    assert min(clocks["all-gather"]) >= 6 * latency_s  # six blocks, six latencies
 
 
 @pytest.mark.parametrize("class_tokens", ["distributed", "single"])
@@ -293,9 +315,10 @@ def test_gloo_runtime_matches_simulation(world_size):
     for rank, (out, stats) in enumerate(results):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
-        # 2 blocks, each one all-gather of 2*2 codes of 4 bits per sent token to N-1 peers
+        # 2 blocks, each streaming 2*2 codes of 4 bits per sent token to the later ranks only
         sent_tokens = int((seq.device_of_token == rank).sum())
-        assert stats["bytes_sent"] == 2 * (world_size - 1) * ((sent_tokens * 4 * 4 + 7) // 8)
+        later = world_size - 1 - rank
+        assert stats["bytes_sent"] == 2 * later * ((sent_tokens * 4 * 4 + 7) // 8)
 
 
 @pytest.mark.parametrize("q_pos,k_pos", [

@@ -116,6 +116,15 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         help="ASTRA/SP wait for remote data before any attention",
     )
     p.add_argument(
+        "--exchange",
+        choices=["auto", "all-gather", "stream"],
+        default="auto",
+        help="how codes travel: auto (default: causal prefills stream point-to-point to the "
+        "devices holding later tokens, so latency is paid once per device boundary instead of "
+        "once per block; encoders all-gather), all-gather (every device waits for every other, "
+        "every block: the paper's runtime), stream",
+    )
+    p.add_argument(
         "--out",
         default="benchmarks/results/bench",
         metavar="DIR",
@@ -144,6 +153,7 @@ def run(args) -> int:
             pp_chunks=args.pp_chunks,
             bp_syncs=args.bp_syncs,
             overlap=not args.no_overlap,
+            exchange=args.exchange,
             use_tables=args.tables,
         )
         records = run_bench(config)

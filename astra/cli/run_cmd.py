@@ -116,6 +116,15 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="wait for remote codes before any attention (the paper's serial runtime)",
     )
     p.add_argument(
+        "--exchange",
+        choices=["auto", "all-gather", "stream"],
+        default="auto",
+        help="how codes travel: auto (default: causal prefills stream point-to-point to the "
+        "devices holding later tokens, so latency is paid once per device boundary instead of "
+        "once per block; encoders all-gather), all-gather (every device waits for every other, "
+        "every block: the paper's runtime), stream",
+    )
+    p.add_argument(
         "--tables",
         action="store_true",
         help="rebuild remote K/V with per-code projection tables (hidden point)",
@@ -159,6 +168,7 @@ def run(args) -> int:
             mode=args.mode,
             placement=args.placement,
             overlap=not args.no_overlap,
+            exchange=args.exchange,
             use_tables=args.tables,
             timeout_s=args.timeout,
             prompt=args.prompt,

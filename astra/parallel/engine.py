@@ -54,11 +54,13 @@ def build_sequence_layout(
 def build_rank_layout(seq: SequenceLayout, rank: int, world_size: int, causal: bool) -> RankLayout:
     local_index = torch.nonzero(seq.device_of_token == rank).flatten()
     send_local = torch.nonzero(seq.sendable[local_index]).flatten()
-    send_positions, send_counts = [], []
+    send_positions, send_counts, last_positions = [], [], []
     for j in range(world_size):
-        sent = (seq.device_of_token == j) & seq.sendable
+        held = seq.device_of_token == j
+        sent = held & seq.sendable
         send_positions.append(seq.positions[sent])
         send_counts.append(int(sent.sum()))
+        last_positions.append(int(seq.positions[held].max()) if held.any() else -1)
     return RankLayout(
         rank=rank,
         world_size=world_size,
@@ -68,6 +70,7 @@ def build_rank_layout(seq: SequenceLayout, rank: int, world_size: int, causal: b
         send_counts=send_counts,
         send_positions=send_positions,
         causal=causal,
+        last_positions=last_positions,
     )
 
 
@@ -79,14 +82,26 @@ def expand_class_tokens(x: Tensor, num_replicas: int) -> Tensor:
 
 
 def install_rank_attention(
-    model: nn.Module, codecs: list, layout: RankLayout, comm, overlap=True, loss=None
+    model: nn.Module,
+    codecs: list,
+    layout: RankLayout,
+    comm,
+    overlap=True,
+    loss=None,
+    exchange: str = "auto",
 ):
-    """Replace every block's attention with its per-rank version (in place, this rank only)."""
+    """Replace every block's attention with its per-rank version (in place, this rank only).
+
+    exchange: "auto" (stream causal prefills, all-gather otherwise), "all-gather" or "stream";
+    see astra.parallel.runtime.
+    """
     for i, (block, codec) in enumerate(zip(model.blocks, codecs)):
         inner = getattr(block.attn, "inner", block.attn)  # unwrap a previous wrapper
         if hasattr(codec, "prepare"):
             codec.prepare(inner)
-        block.attn = RankAttention(inner, codec, layout, comm, overlap=overlap, block=i, loss=loss)
+        block.attn = RankAttention(
+            inner, codec, layout, comm, overlap=overlap, block=i, loss=loss, exchange=exchange
+        )
 
 
 def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayout) -> Tensor:
@@ -122,9 +137,13 @@ def rank_forward(
     overlap: bool = True,
     use_tables: bool = False,
     loss=None,
+    exchange: str = "auto",
 ) -> Tensor:
     """This rank's part of one sequence-parallel pass; returns its last hidden states."""
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
     codecs = make_codecs(method, quantizers, use_tables)
-    install_rank_attention(model, codecs, layout, comm, overlap, loss=loss)
-    return sequence_parallel_forward(model, x_full, layout)
+    install_rank_attention(model, codecs, layout, comm, overlap, loss=loss, exchange=exchange)
+    out = sequence_parallel_forward(model, x_full, layout)
+    if hasattr(comm, "wait_sends"):  # streamed codes must be delivered before the rank moves on
+        comm.wait_sends()
+    return out

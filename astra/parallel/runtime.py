@@ -10,6 +10,19 @@ Each rank holds the whole model and its share of the tokens (paper §3.1). Per b
    the link: the paper's runtime waits serially);
 4. the MLP is position-wise and runs locally with no communication.
 
+How the payloads travel (`exchange`):
+
+- "all-gather" (encoders, and decoders on request): one collective per block; every rank
+  waits for every other, so each block costs at least one link latency on every rank.
+- "stream" (the default for causal prefill): a rank sends its codes point-to-point only to the
+  ranks that hold later tokens, and receives only from the ranks that hold earlier ones. With
+  contiguous placement rank 0 never waits and runs ahead; rank r starts block l as soon as the
+  earlier ranks' block-l codes arrive, and those left while it was still busy with block l-1.
+  The latency is paid once per rank boundary, (N-1) x latency in all, instead of once per
+  block (paper §4 charges every block's exchange in full: 30 x 20 ms = 600 ms for SmolLM2).
+  The last rank never sends at all: no one attends to its tokens during prefill, and decoding
+  continues on it (paper §3.1 step 4).
+
 The same code runs over a real communicator (astra.net) or the lockstep one used by the
 composed mode (astra.parallel.lockstep); with `CodesCodec` it is ASTRA, with `FloatCodec` it is
 full-precision sequence parallelism (Voltage).
@@ -38,11 +51,32 @@ class RankLayout:
     send_counts: list[int]  # tokens each rank sends, per rank
     send_positions: list[Tensor]  # absolute positions of the tokens each rank sends, per rank
     causal: bool
+    last_positions: list[int] | None = None  # latest position each rank holds (-1: none)
 
     @property
     def remote_positions(self) -> Tensor:
         parts = [p for j, p in enumerate(self.send_positions) if j != self.rank]
         return torch.cat(parts) if parts else self.local_positions.new_zeros(0)
+
+    def sees(self, receiver: int, sender: int) -> bool:
+        """Whether some query on `receiver` may attend to a token that `sender` sends."""
+        if receiver == sender or self.send_counts[sender] == 0:
+            return False
+        if not self.causal:
+            return True
+        if self.last_positions is None:
+            raise ValueError("a causal RankLayout needs last_positions")
+        return int(self.send_positions[sender].min()) <= self.last_positions[receiver]
+
+    @property
+    def senders(self) -> list[int]:
+        """Ranks whose codes this rank needs (causal: only ranks holding earlier tokens)."""
+        return [j for j in range(self.world_size) if self.sees(self.rank, j)]
+
+    @property
+    def consumers(self) -> list[int]:
+        """Ranks that need this rank's codes (causal: only ranks holding later tokens)."""
+        return [j for j in range(self.world_size) if self.sees(j, self.rank)]
 
 
 class RankAttention(nn.Module):
@@ -57,8 +91,10 @@ class RankAttention(nn.Module):
         overlap: bool = True,
         block: int = 0,
         loss=None,
+        exchange: str = "auto",
     ):
         super().__init__()
+        self.exchange = resolve_exchange(exchange, layout.causal)
         self.inner = inner
         self.block = block  # index of this block: keys the loss decisions
         self.loss = loss  # LossModel: remote tokens whose codes never arrive (no retransmission)
@@ -80,13 +116,13 @@ class RankAttention(nn.Module):
             q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
             lap("project")
             # 1. what leaves this device: codes of the shared tokens' k and v
-            payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
-            handle = self.comm.start_all_gather_bytes(payload)
+            payload = self._encode(x, send, (k[:, :, send], v[:, :, send]))
+            handle = self._start_exchange(payload)
             lap("encode")
         else:
             # 1. what leaves this device, first, so the link starts as early as possible
-            payload = self.codec.encode(attn, x[:, send])
-            handle = self.comm.start_all_gather_bytes(payload)
+            payload = self._encode(x, send, None)
+            handle = self._start_exchange(payload)
             lap("encode")
             q, k, v = attn.project(x)
             lap("project")
@@ -97,9 +133,9 @@ class RankAttention(nn.Module):
             out_local, lse_local = attend_positions(q, k, v, positions, positions, lay.causal)
         lap("local_attention")
         # 3. remote, rebuilt from what arrived
-        payloads = handle.wait()
+        senders = lay.senders
+        payloads = self._finish_exchange(handle, senders)
         lap("wait")
-        senders = self._visible_senders(positions)
         k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
         k_hat = attn.rotate(k_hat, remote_pos)
         remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
@@ -131,14 +167,29 @@ class RankAttention(nn.Module):
             self.timings[stage] = self.timings.get(stage, 0.0) + (now - self._last) * 1e3
         self._last = now
 
-    def _visible_senders(self, positions: Tensor) -> list[int]:
-        """Ranks whose shared tokens some local query may attend to (causal: earlier ones)."""
-        lay = self.layout
-        senders = [j for j in range(lay.world_size) if j != lay.rank and lay.send_counts[j] > 0]
-        if lay.causal:
-            last = int(positions.max())
-            senders = [j for j in senders if int(lay.send_positions[j].min()) <= last]
-        return senders
+    def _encode(self, x: Tensor, send: Tensor, kv) -> Tensor | None:
+        """This rank's payload, or None when streaming and no rank needs it (the last rank)."""
+        if self.exchange == "stream" and not self.layout.consumers:
+            return None
+        if kv is None:
+            return self.codec.encode(self.inner, x[:, send])
+        return self.codec.encode(self.inner, x[:, send], kv)
+
+    def _start_exchange(self, payload: Tensor | None):
+        if self.exchange == "all-gather":
+            return self.comm.start_all_gather_bytes(payload)
+        for j in self.layout.consumers:  # queued, never blocks: the rank runs on
+            self.comm.send_tensor(payload, j)
+        return None
+
+    def _finish_exchange(self, handle, senders: list[int]) -> list[Tensor | None]:
+        """Payloads by rank (None where nothing was received)."""
+        if handle is not None:
+            return handle.wait()
+        payloads: list[Tensor | None] = [None] * self.layout.world_size
+        for j in senders:
+            payloads[j] = self.comm.recv_tensor(j)
+        return payloads
 
     def kept(self, sender: int) -> Tensor | None:
         """Bool (n,) over the sender's tokens that arrived, or None when nothing is lost."""
@@ -183,7 +234,8 @@ class DecodeAttention(nn.Module):
         self.layout = rank_attention.layout
         self.k, self.v = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
         lay = self.layout
-        self.senders = [j for j in range(lay.world_size) if j != lay.rank and lay.send_counts[j]]
+        # every rank's tokens precede the last one, so the decode device has received them all
+        self.senders = [j for j in lay.senders if captured["payloads"][j] is not None]
         # what is kept per remote token: its codes (unpacked once), not its keys and values
         self.received, positions = [], []
         for j in self.senders:
@@ -258,6 +310,23 @@ def restore_attention_(model: nn.Module) -> None:
     for block in model.blocks:
         if isinstance(block.attn, CausalKernelAttention):
             block.attn = block.attn.inner
+
+
+EXCHANGES = ("auto", "all-gather", "stream")
+
+
+def resolve_exchange(exchange: str, causal: bool) -> str:
+    """The exchange to use: "auto" streams causal prefills and all-gathers the rest."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+    if exchange == "auto":
+        return "stream" if causal else "all-gather"
+    if exchange == "stream" and not causal:
+        raise ValueError(
+            "exchange 'stream' is for causal models (every encoder token needs every other "
+            "rank's codes in every block); use 'all-gather' or 'auto'"
+        )
+    return exchange
 
 
 def position_runs(positions: Tensor) -> list[tuple[int, int, int, int]]:
