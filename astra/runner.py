@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from astra.parallel.engine import (
     make_codecs,
     sequence_parallel_forward,
 )
-from astra.parallel.placement import PlacementConfig
+from astra.parallel.placement import PlacementConfig, attention_cost_ratio
 from astra.parallel.runtime import (
     EXCHANGES,
     DecodeAttention,
@@ -201,7 +201,8 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     if job.method in BASELINES:
         return _baseline(rank, world_size, comm, model, x_full, job)
     class_tokens = effective_class_tokens(model, job.class_tokens)
-    seq = build_sequence_layout(x_full.shape[1], job.placement, class_tokens)
+    placement = resolve_placement(job.placement, model)
+    seq = build_sequence_layout(x_full.shape[1], placement, class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
     codecs = make_codecs(job.method, quantizers, job.use_tables)
@@ -252,6 +253,20 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     comm.wait_sends()  # streamed codes: delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
+
+
+def resolve_placement(placement: PlacementConfig, model) -> PlacementConfig:
+    """Fill in what "balanced" placement needs from the model: the cost of one more key
+    relative to a token's linear layers (0 for encoders, where every token sees every key)."""
+    if placement.kind != "balanced" or placement.attention_ratio is not None:
+        return placement
+    ratio = 0.0
+    if getattr(model, "causal", False):
+        block = model.blocks[0]
+        attn = getattr(block.attn, "inner", block.attn)
+        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        ratio = attention_cost_ratio(attn.num_heads, attn.head_dim, linear)
+    return replace(placement, attention_ratio=ratio)
 
 
 def _breakdown(model, total_ms: float) -> dict[str, float]:

@@ -361,3 +361,45 @@ def test_lost_codes_are_dropped_identically_in_simulation_and_runtime(kind):
         clean = astra.forward_hidden(x, PlacementConfig(3, kind=kind))
         lossy = astra.forward_hidden(x, PlacementConfig(3, kind=kind), loss=loss)
     assert (clean - lossy).abs().max() > 1e-4  # 30% of remote codes lost changes the output
+
+
+def test_balanced_placement_equalises_causal_cost():
+    from astra.parallel.placement import assign_tokens, causal_balanced_sizes
+
+    a = 1e-3
+    sizes = causal_balanced_sizes(1000, 4, a)
+    assert sum(sizes) == 1000 and sizes == sorted(sizes, reverse=True)  # later chunks smaller
+    costs, done = [], 0
+    for n in sizes:
+        costs.append(n + a * (done * n + n * n / 2))
+        done += n
+    assert max(costs) / min(costs) < 1.01
+    assert causal_balanced_sizes(10, 3, 0.0) == [4, 3, 3]  # no attention cost: even split
+    with pytest.raises(ValueError, match="attention_ratio"):
+        assign_tokens(10, PlacementConfig(2, kind="balanced"))
+    dev = assign_tokens(1000, PlacementConfig(4, kind="balanced", attention_ratio=a))
+    assert torch.bincount(dev).tolist() == sizes
+
+
+def test_lockstep_runtime_matches_simulation_balanced_placement():
+    model = tiny_llama()
+    x = model.embed(torch.randint(0, 97, (1, 30))).detach()
+    cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    placement = PlacementConfig(3, kind="balanced", attention_ratio=0.05)
+    astra = apply_astra(copy.deepcopy(model), cfg)
+    calibrate_(astra, lambda: astra.forward_hidden(x, None))
+    with torch.no_grad():
+        sim = astra.forward_hidden(x, placement)
+    seq = build_sequence_layout(x.shape[1], placement, "none")
+    assert torch.bincount(seq.device_of_token).tolist()[0] > 10  # uneven: first chunk largest
+
+    def fn(rank, world_size, comm):
+        with torch.no_grad():
+            return rank_forward(
+                rank, world_size, comm, share_weights_copy(astra.model), astra.quantizers, x, seq
+            )
+
+    outs, _, _ = run_lockstep(fn, 3, LinkConfig(bandwidth_mbps=10.0, latency_ms=20.0))
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)

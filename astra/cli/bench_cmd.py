@@ -92,9 +92,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--placement",
-        choices=["contiguous", "zigzag", "random"],
+        choices=["contiguous", "balanced", "zigzag", "random"],
         default="contiguous",
-        help="token-to-device assignment for SP methods",
+        help="token-to-device assignment for SP methods (see astra run --help)",
     )
     p.add_argument(
         "--pp-chunks", type=positive_int, default=4, help="pipeline chunks for decoders (default 4)"

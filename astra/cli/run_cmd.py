@@ -105,10 +105,13 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--placement",
-        choices=["contiguous", "zigzag", "random"],
+        choices=["contiguous", "balanced", "zigzag", "random"],
         default="contiguous",
-        help="which tokens each device holds: contiguous chunks (default), zigzag "
-        "(chunks d and 2N-1-d: balances causal attention), random",
+        help="which tokens each device holds: contiguous equal chunks (default); balanced "
+        "(contiguous, later chunks smaller so every device does the same causal work: the "
+        "last device is the critical path of a streamed prefill); zigzag (chunks d and "
+        "2N-1-d: balances causal attention but every device then needs every other's codes, "
+        "so no streaming benefit); random",
     )
     p.add_argument(
         "--no-overlap",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-PLACEMENTS = ("contiguous", "zigzag", "random")
+PLACEMENTS = ("contiguous", "balanced", "zigzag", "random")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,13 @@ class PlacementConfig:
     # balances causal attention (the device with the latest tokens no longer does 2x the work
     # of the first); "random" (any imbalance, App. D)
     kind: str = "contiguous"
+    # "balanced": contiguous chunks sized so that every device does the same causal work
+    # (the later chunks attend to more keys, so they get fewer tokens); needs attention_ratio
     weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
     seed: int = 0  # for kind="random"
+    # cost of attending to one more key relative to a token's projections and MLP, for
+    # kind="balanced" (see attention_cost_ratio); 0 = equal chunks (right for encoders)
+    attention_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -37,8 +42,10 @@ class PlacementConfig:
                 )
             if any(w <= 0 for w in self.weights):
                 raise ValueError(f"device weights must be > 0, got {self.weights}")
-            if self.kind == "zigzag":
-                raise ValueError("zigzag placement splits evenly; it takes no device weights")
+            if self.kind in ("zigzag", "balanced"):
+                raise ValueError(f"{self.kind} placement sizes chunks itself; it takes no weights")
+        if self.attention_ratio is not None and self.attention_ratio < 0:
+            raise ValueError(f"attention_ratio must be >= 0, got {self.attention_ratio}")
 
 
 def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
@@ -67,8 +74,50 @@ def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
     return sizes.tolist()
 
 
+def attention_cost_ratio(num_heads: int, head_dim: int, block_params: int) -> float:
+    """FLOPs of one query attending to one more key (QK and PV: 4*H*hd) over the FLOPs of one
+    token through a block's linear layers (2 per weight)."""
+    return 4 * num_heads * head_dim / (2 * block_params)
+
+
+def causal_balanced_sizes(num_tokens: int, num_devices: int, attention_ratio: float) -> list[int]:
+    """Contiguous chunk sizes with equal causal cost per device.
+
+    A chunk of n tokens after p earlier ones costs n + a*(p*n + n^2/2) token-units (its
+    projections and MLPs, plus its queries' keys: the earlier tokens and half its own), where a
+    is `attention_ratio`. Each device in turn gets the n that reaches a 1/N share of the total:
+    the positive root of a/2*n^2 + (1 + a*p)*n - share = 0. With streaming (the runtime's
+    causal exchange) the last device is the critical path, so equal costs are what matter; an
+    even split leaves it with the most attention work.
+    """
+    if num_tokens < num_devices:
+        return split_sizes(num_tokens, num_devices)  # raises the clear error
+    a = attention_ratio
+    if a == 0:
+        return split_sizes(num_tokens, num_devices)
+    share = (num_tokens + a * num_tokens**2 / 2) / num_devices
+    sizes, done = [], 0
+    for d in range(num_devices - 1):
+        b = 1 + a * done
+        n = (-b + (b * b + 2 * a * share) ** 0.5) / a
+        left_for_others = num_devices - 1 - d
+        n = min(max(1, round(n)), num_tokens - done - left_for_others)
+        sizes.append(n)
+        done += n
+    sizes.append(num_tokens - done)
+    return sizes
+
+
 def assign_tokens(num_tokens: int, config: PlacementConfig) -> torch.Tensor:
     """device_of_token (num_tokens,) int64 in [0, N)."""
+    if config.kind == "balanced":
+        if config.attention_ratio is None:
+            raise ValueError(
+                "balanced placement needs attention_ratio (the runtime sets it from the model "
+                "with attention_cost_ratio); use contiguous for equal chunks"
+            )
+        sizes = causal_balanced_sizes(num_tokens, config.num_devices, config.attention_ratio)
+        return torch.repeat_interleave(torch.arange(config.num_devices), torch.tensor(sizes))
     if config.kind == "zigzag" and num_tokens >= 2 * config.num_devices:
         n = config.num_devices
         chunks = torch.tensor(split_sizes(num_tokens, 2 * n))
