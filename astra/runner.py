@@ -38,9 +38,10 @@ from astra.parallel.engine import (
     make_codecs,
     sequence_parallel_forward,
 )
-from astra.parallel.placement import PlacementConfig, attention_cost_ratio
+from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import (
     EXCHANGES,
+    CausalKernelAttention,
     DecodeAttention,
     restore_attention_,
     use_causal_kernel_,
@@ -201,14 +202,15 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     if job.method in BASELINES:
         return _baseline(rank, world_size, comm, model, x_full, job)
     class_tokens = effective_class_tokens(model, job.class_tokens)
-    placement = resolve_placement(job.placement, model)
+    # warm-up and set-up traffic on an ideal link (the timed pass uses comm)
+    warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
+    placement = resolve_placement(job.placement, model, x_full.shape[1], warm or comm)
     seq = build_sequence_layout(x_full.shape[1], placement, class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
     codecs = make_codecs(job.method, quantizers, job.use_tables)
     decode_rank = int(seq.device_of_token[-1])
     # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
-    warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
     loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
     if job.warmup:
         install_rank_attention(
@@ -255,18 +257,57 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     return out
 
 
-def resolve_placement(placement: PlacementConfig, model) -> PlacementConfig:
-    """Fill in what "balanced" placement needs from the model: the cost of one more key
-    relative to a token's linear layers (0 for encoders, where every token sees every key)."""
+def resolve_placement(placement: PlacementConfig, model, num_tokens: int, comm) -> PlacementConfig:
+    """Fill in what "balanced" placement needs: how much one more key costs relative to a
+    token's linear layers, measured on this machine (0 for encoders: every token sees every
+    key, so equal chunks are balanced). Every rank measures, and all use the mean, so the
+    layouts agree; a FLOP count would say 3e-4 for SmolLM2, but on CPU attention runs at
+    about a third of the GEMMs' rate (measured 1e-3), and balancing on FLOPs under-corrects."""
     if placement.kind != "balanced" or placement.attention_ratio is not None:
         return placement
     ratio = 0.0
     if getattr(model, "causal", False):
-        block = model.blocks[0]
-        attn = getattr(block.attn, "inner", block.attn)
-        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-        ratio = attention_cost_ratio(attn.num_heads, attn.head_dim, linear)
+        mine = torch.tensor([measure_attention_ratio(model, num_tokens)], dtype=torch.float64)
+        ratio = float(torch.cat(comm.all_gather_tensor(mine)).mean())
     return replace(placement, attention_ratio=ratio)
+
+
+@torch.no_grad()
+def measure_attention_ratio(model, num_tokens: int, repeats: int = 3) -> float:
+    """(time per causal query-key pair) / (time per token through one block's other layers),
+    from one block at num_tokens tokens with the causal kernel (fastest of `repeats`)."""
+    import torch.nn.functional as F
+
+    block = model.blocks[0]
+    attn = getattr(block.attn, "inner", block.attn)
+    dim = attn.q_proj.in_features
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, num_tokens, dim, generator=gen)
+    positions = torch.arange(num_tokens)
+    q, k, v = attn.project(x)
+    q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+    gqa = attn.num_kv_heads != attn.num_heads
+
+    def fastest(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    installed = block.attn
+    block.attn = CausalKernelAttention(attn)  # the whole block as the single device runs it
+    try:
+        t_block = fastest(lambda: block(x, positions, None))
+    finally:
+        block.attn = installed
+    t_attn = fastest(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    )
+    t_rest = max(t_block - t_attn, 1e-9)
+    pairs = num_tokens * (num_tokens + 1) / 2
+    return (t_attn / pairs) / (t_rest / num_tokens)
 
 
 def _breakdown(model, total_ms: float) -> dict[str, float]:

@@ -29,12 +29,24 @@ def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch
     assert "completion" in astra and (tmp_path / "cb.pt").is_file()
 
 
+def test_balanced_placement_gives_later_devices_fewer_tokens(tiny_llama_dir):
+    # full precision so that the result must equal one device's exactly
+    config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=256, new_tokens=3,
+                       methods=("single", "sp-fp32"), mode="composed", placement="balanced")
+    summary = run_inference(config, progress=False, log=lambda m: None)
+    rows = {r["method"]: r for r in summary["records"]}
+    assert rows["sp-fp32"]["generated_ids"] == rows["single"]["generated_ids"]
+    first, last = rows["sp-fp32"]["tokens_per_device"]
+    assert first + last == 256 and first > last  # the later tokens attend to more keys
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(devices=0), "devices must be >= 1"),
     (dict(tokens=4, devices=8), "tokens=4 must be >= devices=8"),
     (dict(methods=("magic",)), "each must be one of"),
     (dict(loss_rate=1.5), "loss rate must be in"),
     (dict(placement="spiral"), "placement kind 'spiral'"),
+    (dict(exchange="broadcast"), "exchange 'broadcast'"),
 ])
 def test_run_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

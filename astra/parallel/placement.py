@@ -27,7 +27,7 @@ class PlacementConfig:
     weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
     seed: int = 0  # for kind="random"
     # cost of attending to one more key relative to a token's projections and MLP, for
-    # kind="balanced" (see attention_cost_ratio); 0 = equal chunks (right for encoders)
+    # kind="balanced" (astra.runner measures it); 0 = equal chunks (right for encoders)
     attention_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -72,12 +72,6 @@ def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
             remainder += 1
         i += 1
     return sizes.tolist()
-
-
-def attention_cost_ratio(num_heads: int, head_dim: int, block_params: int) -> float:
-    """FLOPs of one query attending to one more key (QK and PV: 4*H*hd) over the FLOPs of one
-    token through a block's linear layers (2 per weight)."""
-    return 4 * num_heads * head_dim / (2 * block_params)
 
 
 def causal_balanced_sizes(num_tokens: int, num_devices: int, attention_ratio: float) -> list[int]:
