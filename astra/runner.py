@@ -258,24 +258,29 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
 
 
 def resolve_placement(placement: PlacementConfig, model, num_tokens: int, comm) -> PlacementConfig:
-    """Fill in what "balanced" placement needs: how much one more key costs relative to a
-    token's linear layers, measured on this machine (0 for encoders: every token sees every
-    key, so equal chunks are balanced). Every rank measures, and all use the mean, so the
-    layouts agree; a FLOP count would say 3e-4 for SmolLM2, but on CPU attention runs at
-    about a third of the GEMMs' rate (measured 1e-3), and balancing on FLOPs under-corrects."""
-    if placement.kind != "balanced" or placement.attention_ratio is not None:
+    """Fill in what "balanced" placement needs: what attention costs relative to a token's
+    linear layers, measured on this machine ((0, 0) for encoders: every token sees every key,
+    so equal chunks are balanced). Every rank measures and all use the mean, so the layouts
+    agree. A FLOP count would put one query-key pair of SmolLM2 at 3e-4 tokens; measured on
+    this CPU it is about 1e-3 (the attention kernels run well below the GEMMs' rate), and a
+    causal square costs about as much as a full one. Balancing on FLOPs under-corrects."""
+    if placement.kind != "balanced" or placement.attention_cost is not None:
         return placement
-    ratio = 0.0
+    cost = (0.0, 0.0)
     if getattr(model, "causal", False):
-        mine = torch.tensor([measure_attention_ratio(model, num_tokens)], dtype=torch.float64)
-        ratio = float(torch.cat(comm.all_gather_tensor(mine)).mean())
-    return replace(placement, attention_ratio=ratio)
+        mine = torch.tensor([measure_attention_cost(model, num_tokens)], dtype=torch.float64)
+        cross, diagonal = torch.cat(comm.all_gather_tensor(mine)).mean(0).tolist()
+        cost = (cross, diagonal)
+    return replace(placement, attention_cost=cost)
 
 
 @torch.no_grad()
-def measure_attention_ratio(model, num_tokens: int, repeats: int = 3) -> float:
-    """(time per causal query-key pair) / (time per token through one block's other layers),
-    from one block at num_tokens tokens with the causal kernel (fastest of `repeats`)."""
+def measure_attention_cost(model, num_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(cross, diagonal) of PlacementConfig.attention_cost, from one block on this machine:
+    the time of num_tokens tokens through the block without its attention kernel sets the
+    unit; half the tokens attending to the other half (no mask) gives `cross` per pair; the
+    causal kernel over half the tokens gives `diagonal` per squared token (fastest of
+    `repeats` each)."""
     import torch.nn.functional as F
 
     block = model.blocks[0]
@@ -284,9 +289,9 @@ def measure_attention_ratio(model, num_tokens: int, repeats: int = 3) -> float:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, num_tokens, dim, generator=gen)
     positions = torch.arange(num_tokens)
-    q, k, v = attn.project(x)
-    q, k = attn.rotate(q, positions), attn.rotate(k, positions)
+    q, k, v = attn.project(x)  # (1, H, T, hd), (1, Hkv, T, hd) x2
     gqa = attn.num_kv_heads != attn.num_heads
+    half = num_tokens // 2
 
     def fastest(fn) -> float:
         times = []
@@ -296,18 +301,20 @@ def measure_attention_ratio(model, num_tokens: int, repeats: int = 3) -> float:
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    def sdpa(qq, kk, vv, causal):
+        return F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=gqa)
+
     installed = block.attn
-    block.attn = CausalKernelAttention(attn)  # the whole block as the single device runs it
+    block.attn = CausalKernelAttention(attn)  # the whole block as one device runs it
     try:
         t_block = fastest(lambda: block(x, positions, None))
     finally:
         block.attn = installed
-    t_attn = fastest(
-        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    )
-    t_rest = max(t_block - t_attn, 1e-9)
-    pairs = num_tokens * (num_tokens + 1) / 2
-    return (t_attn / pairs) / (t_rest / num_tokens)
+    t_causal_all = fastest(lambda: sdpa(q, k, v, True))
+    t_cross = fastest(lambda: sdpa(q[:, :, half:], k[:, :, :half], v[:, :, :half], False))
+    t_diag = fastest(lambda: sdpa(q[:, :, :half], k[:, :, :half], v[:, :, :half], True))
+    unit = max(t_block - t_causal_all, 1e-9) / num_tokens  # one token through the rest
+    return t_cross / (half * (num_tokens - half)) / unit, t_diag / half**2 / unit
 
 
 def _breakdown(model, total_ms: float) -> dict[str, float]:

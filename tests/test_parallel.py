@@ -363,29 +363,31 @@ def test_lost_codes_are_dropped_identically_in_simulation_and_runtime(kind):
     assert (clean - lossy).abs().max() > 1e-4  # 30% of remote codes lost changes the output
 
 
-def test_balanced_placement_equalises_causal_cost():
+@pytest.mark.parametrize("cross,diagonal", [(1e-3, 1e-3), (1e-3, 0.0), (5e-4, 2e-3)])
+def test_balanced_placement_equalises_causal_cost(cross, diagonal):
     from astra.parallel.placement import assign_tokens, causal_balanced_sizes
 
-    a = 1e-3
-    sizes = causal_balanced_sizes(1000, 4, a)
+    sizes = causal_balanced_sizes(1000, 4, cross, diagonal)
     assert sum(sizes) == 1000 and sizes == sorted(sizes, reverse=True)  # later chunks smaller
     costs, done = [], 0
     for n in sizes:
-        costs.append(n + a * (done * n + n * n / 2))
+        costs.append(n + diagonal * n * n + cross * done * n)
         done += n
-    assert max(costs) / min(costs) < 1.01
-    assert causal_balanced_sizes(10, 3, 0.0) == [4, 3, 3]  # no attention cost: even split
-    with pytest.raises(ValueError, match="attention_ratio"):
+    even = [250 + diagonal * 250**2 + cross * 250 * i * 250 for i in range(4)]
+    assert max(costs) < max(even)
+    assert max(costs) / min(costs) < 1.02  # one token of rounding per chunk
+    assert causal_balanced_sizes(10, 3, 0.0, 0.0) == [4, 3, 3]  # no attention: even split
+    with pytest.raises(ValueError, match="attention_cost"):
         assign_tokens(10, PlacementConfig(2, kind="balanced"))
-    dev = assign_tokens(1000, PlacementConfig(4, kind="balanced", attention_ratio=a))
-    assert torch.bincount(dev).tolist() == sizes
+    placement = PlacementConfig(4, kind="balanced", attention_cost=(cross, diagonal))
+    assert torch.bincount(assign_tokens(1000, placement)).tolist() == sizes
 
 
 def test_lockstep_runtime_matches_simulation_balanced_placement():
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 30))).detach()
     cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
-    placement = PlacementConfig(3, kind="balanced", attention_ratio=0.05)
+    placement = PlacementConfig(3, kind="balanced", attention_cost=(0.05, 0.05))
     astra = apply_astra(copy.deepcopy(model), cfg)
     calibrate_(astra, lambda: astra.forward_hidden(x, None))
     with torch.no_grad():

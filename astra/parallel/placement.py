@@ -26,9 +26,11 @@ class PlacementConfig:
     # (the later chunks attend to more keys, so they get fewer tokens); needs attention_ratio
     weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
     seed: int = 0  # for kind="random"
-    # cost of attending to one more key relative to a token's projections and MLP, for
-    # kind="balanced" (astra.runner measures it); 0 = equal chunks (right for encoders)
-    attention_ratio: float | None = None
+    # kind="balanced": (cross, diagonal) cost of attention in units of one token through a
+    # block's linear layers: a query attending to one key of an earlier chunk, and a chunk of n
+    # tokens attending to itself causally costing diagonal*n^2 (astra.runner measures both on
+    # the machine); (0, 0) = equal chunks, right for encoders
+    attention_cost: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -44,8 +46,10 @@ class PlacementConfig:
                 raise ValueError(f"device weights must be > 0, got {self.weights}")
             if self.kind in ("zigzag", "balanced"):
                 raise ValueError(f"{self.kind} placement sizes chunks itself; it takes no weights")
-        if self.attention_ratio is not None and self.attention_ratio < 0:
-            raise ValueError(f"attention_ratio must be >= 0, got {self.attention_ratio}")
+        if self.attention_cost is not None and (
+            len(self.attention_cost) != 2 or min(self.attention_cost) < 0
+        ):
+            raise ValueError(f"attention_cost must be two numbers >= 0, got {self.attention_cost}")
 
 
 def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
@@ -74,43 +78,55 @@ def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
     return sizes.tolist()
 
 
-def causal_balanced_sizes(num_tokens: int, num_devices: int, attention_ratio: float) -> list[int]:
-    """Contiguous chunk sizes with equal causal cost per device.
+def causal_balanced_sizes(
+    num_tokens: int, num_devices: int, cross: float, diagonal: float
+) -> list[int]:
+    """Contiguous chunk sizes that minimise the largest per-device causal cost.
 
-    A chunk of n tokens after p earlier ones costs n + a*(p*n + n^2/2) token-units (its
-    projections and MLPs, plus its queries' keys: the earlier tokens and half its own), where a
-    is `attention_ratio`. Each device in turn gets the n that reaches a 1/N share of the total:
-    the positive root of a/2*n^2 + (1 + a*p)*n - share = 0. With streaming (the runtime's
-    causal exchange) the last device is the critical path, so equal costs are what matter; an
-    even split leaves it with the most attention work.
+    A chunk of n tokens after p earlier ones costs n + diagonal*n^2 + cross*p*n token-units:
+    its linear layers, its causal attention to itself, its attention to the earlier chunks.
+    With streaming (the runtime's causal exchange) each device's finish time is set by its own
+    cost, so equal costs are what matter; an even split leaves the last device the most
+    attention. Bisection on the cost cap C: each device in turn takes the most tokens that fit
+    under C, and C is feasible when the last device's remainder fits too.
     """
-    if num_tokens < num_devices:
-        return split_sizes(num_tokens, num_devices)  # raises the clear error
-    a = attention_ratio
-    if a == 0:
-        return split_sizes(num_tokens, num_devices)
-    share = (num_tokens + a * num_tokens**2 / 2) / num_devices
-    sizes, done = [], 0
-    for d in range(num_devices - 1):
-        b = 1 + a * done
-        n = (-b + (b * b + 2 * a * share) ** 0.5) / a
-        left_for_others = num_devices - 1 - d
-        n = min(max(1, round(n)), num_tokens - done - left_for_others)
-        sizes.append(n)
-        done += n
-    sizes.append(num_tokens - done)
-    return sizes
+    if num_tokens < num_devices or (cross == 0 and diagonal == 0):
+        return split_sizes(num_tokens, num_devices)  # (raises the clear error when too few)
+
+    def cost(n: int, p: int) -> float:
+        return n + diagonal * n * n + cross * p * n
+
+    def greedy(cap: float) -> list[int] | None:
+        sizes, done = [], 0
+        for d in range(num_devices - 1):
+            room = num_tokens - done - (num_devices - 1 - d)  # leave one token for each later
+            b = 1 + cross * done
+            if diagonal > 0:  # largest n with diagonal*n^2 + b*n <= cap
+                n = int((-b + (b * b + 4 * diagonal * cap) ** 0.5) / (2 * diagonal))
+            else:
+                n = int(cap / b)
+            n = min(max(n, 1), room)
+            sizes.append(n)
+            done += n
+        rest = num_tokens - done
+        return sizes + [rest] if cost(rest, done) <= cap else None
+
+    lo, hi = 0.0, cost(num_tokens, 0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if greedy(mid) is not None else (mid, hi)
+    return greedy(hi)
 
 
 def assign_tokens(num_tokens: int, config: PlacementConfig) -> torch.Tensor:
     """device_of_token (num_tokens,) int64 in [0, N)."""
     if config.kind == "balanced":
-        if config.attention_ratio is None:
+        if config.attention_cost is None:
             raise ValueError(
-                "balanced placement needs attention_ratio (the runtime sets it from the model "
-                "with attention_cost_ratio); use contiguous for equal chunks"
+                "balanced placement needs attention_cost (astra.runner measures it on the "
+                "model); use contiguous for equal chunks"
             )
-        sizes = causal_balanced_sizes(num_tokens, config.num_devices, config.attention_ratio)
+        sizes = causal_balanced_sizes(num_tokens, config.num_devices, *config.attention_cost)
         return torch.repeat_interleave(torch.arange(config.num_devices), torch.tensor(sizes))
     if config.kind == "zigzag" and num_tokens >= 2 * config.num_devices:
         n = config.num_devices

@@ -95,6 +95,8 @@ class RankAttention(nn.Module):
     ):
         super().__init__()
         self.exchange = resolve_exchange(exchange, layout.causal)
+        # streaming: the last rank's codes are needed by no one during prefill
+        self.sends = self.exchange == "all-gather" or bool(layout.consumers)
         self.inner = inner
         self.block = block  # index of this block: keys the loss decisions
         self.loss = loss  # LossModel: remote tokens whose codes never arrive (no retransmission)
@@ -116,12 +118,14 @@ class RankAttention(nn.Module):
             q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
             lap("project")
             # 1. what leaves this device: codes of the shared tokens' k and v
-            payload = self._encode(x, send, (k[:, :, send], v[:, :, send]))
+            payload = None
+            if self.sends:
+                payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
             handle = self._start_exchange(payload)
             lap("encode")
         else:
             # 1. what leaves this device, first, so the link starts as early as possible
-            payload = self._encode(x, send, None)
+            payload = self.codec.encode(attn, x[:, send]) if self.sends else None
             handle = self._start_exchange(payload)
             lap("encode")
             q, k, v = attn.project(x)
@@ -166,14 +170,6 @@ class RankAttention(nn.Module):
         if stage is not None:
             self.timings[stage] = self.timings.get(stage, 0.0) + (now - self._last) * 1e3
         self._last = now
-
-    def _encode(self, x: Tensor, send: Tensor, kv) -> Tensor | None:
-        """This rank's payload, or None when streaming and no rank needs it (the last rank)."""
-        if self.exchange == "stream" and not self.layout.consumers:
-            return None
-        if kv is None:
-            return self.codec.encode(self.inner, x[:, send])
-        return self.codec.encode(self.inner, x[:, send], kv)
 
     def _start_exchange(self, payload: Tensor | None):
         if self.exchange == "all-gather":
