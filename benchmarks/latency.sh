@@ -37,3 +37,19 @@ $A bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit \
 
 # 4. The main job at its defaults (SmolLM2, 2 devices, 10 Mbit/s, 20 ms), as JSON.
 $A run --json $R/run-default.json
+
+# 5. Causal prefill: how codes travel and who holds which tokens (SmolLM2, 10 Mbit/s, 20 ms).
+#    Three repeats of each variant in real processes, each with its own single-device run, so
+#    every ratio is measured side by side; then the same at 4 devices in the composed mode.
+for rep in 1 2 3; do
+  for v in "stream:--exchange stream" "all-gather:--exchange all-gather" \
+           "balanced:--exchange stream --placement balanced"; do
+    $A bench --mode processes --model smollm2-135m --tokens 1024 --devices 2 --bandwidths 10mbit \
+        --methods single,astra ${v#*:} --out $R/exchange/2dev-${v%%:*}-$rep
+  done
+done
+for v in "stream:--exchange stream" "all-gather:--exchange all-gather" \
+         "balanced:--exchange stream --placement balanced"; do
+  $A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
+      --methods single,astra ${v#*:} --out $R/exchange/composed-${v%%:*}
+done
