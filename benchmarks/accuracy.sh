@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Accuracy tables for issue 3 (benchmarks/accuracy.md): full precision vs ASTRA calibrated /
 # fine-tuned on 4 simulated devices. CPU-sized limits (2 shared cores): see accuracy.md.
-#   benchmarks/accuracy.sh [dinov2|dinov2-ft|smollm2|minilm|ablations] ...  (default: all)
+#   benchmarks/accuracy.sh [dinov2|dinov2-ft|dinov2-long|smollm2|minilm|ablations] ...
+#   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASTRA="nice -n 10 .venv/bin/astra"
@@ -30,6 +31,27 @@ dinov2_ft() {  # short fine-tunes from the calibrated codebooks, G=32 then G=1
   done
   $ASTRA eval $DINO --artefacts $A/dino-g32-ft.pt $A/dino-g1-ft.pt --devices 4 --limit 500 \
     --no-full-precision --json $R/dinov2_eval_finetuned.json --no-progress
+}
+
+dinov2_long() {  # 300-step distilled fine-tunes (the targets), and the same recipe in full
+  # precision on 1 device as the control: how much of the gain is just more training
+  local common="$DINO --steps 300 --batch-size 8 --lr 2e-6 --beta 2e-4 --distill 1.0 \
+    --placement mixed --checkpoint-every 50 --no-progress"
+  for g in 32 1; do
+    $ASTRA finetune $common --init $A/dino-g$g.pt --devices 4 --lam 1.0 \
+      --checkpoint $A/dino-g$g-long.ckpt --out $A/dino-g$g-long.pt \
+      --json $R/dinov2_finetune_g${g}_long.json
+  done
+  $ASTRA finetune $common --init $A/dino-g1.pt --devices 4 --lam 0 \
+    --checkpoint $A/dino-g1-long-lam0.ckpt --out $A/dino-g1-long-lam0.pt \
+    --json $R/dinov2_finetune_g1_long_lam0.json
+  $ASTRA finetune $common --init $A/dino-g32.pt --devices 1 --lam 0 \
+    --checkpoint $A/dino-fp-long.ckpt --out $A/dino-fp-long.pt \
+    --json $R/dinov2_finetune_fp_long.json
+  $ASTRA eval $DINO --artefacts $A/dino-g32-long.pt $A/dino-g1-long.pt $A/dino-g1-long-lam0.pt \
+    --devices 4 --limit 500 --json $R/dinov2_eval_finetuned_long.json --no-progress
+  $ASTRA eval $DINO --artefacts $A/dino-fp-long.pt --devices 1 --limit 500 --no-full-precision \
+    --json $R/dinov2_eval_fp_long.json --no-progress
 }
 
 smollm2() {  # Table 3 analogue: perplexity on held-out Austen, kv point, 4 devices
@@ -66,7 +88,7 @@ ablations() {  # Tables 12-14 analogues on DINOv2 G=1 (largest effects), short f
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(dinov2 dinov2-ft smollm2 minilm ablations)
+[ ${#stages[@]} -eq 0 ] && stages=(dinov2 dinov2-ft dinov2-long smollm2 minilm ablations)
 for s in "${stages[@]}"; do
   echo "== $s  $(date -u +%FT%TZ)"
   "${s//-/_}"
