@@ -98,6 +98,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     model_dir = resolve_model(config.model)
     family = model_family(model_dir)
     decoder = family in ("llama", "gpt2")
+    resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, first
     records: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="astra-bench-"))
     base = load_model(model_dir)

@@ -43,6 +43,7 @@ from astra.parallel.runtime import (
     EXCHANGES,
     CausalKernelAttention,
     DecodeAttention,
+    resolve_exchange,
     restore_attention_,
     use_causal_kernel_,
 )
@@ -141,6 +142,7 @@ def job_for(
 ) -> Job:
     """The Job every rank runs for `method`, from the user's RunConfig (processes, composed
     mode and torchrun alike)."""
+    resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, here
     return Job(
         method=method,
         model_dir=str(model_dir),

@@ -101,3 +101,11 @@ def test_run_inference_encoder_outputs_match(tmp_path, monkeypatch):
     assert rows["sp-fp32"]["cosine_to_single"] == pytest.approx(1.0, abs=1e-5)
     assert 0.0 < rows["astra"]["cosine_to_single"] <= 1.0 + 1e-6
     assert rows["astra"]["tokens_per_device"] == [9, 9]  # 16 patches split 8/8 + a CLS replica each
+
+
+def test_streaming_an_encoder_is_refused_before_any_worker_starts(tmp_path):
+    from astra.runner import job_for
+
+    config = RunConfig(exchange="stream")
+    with pytest.raises(ValueError, match="exchange 'stream' is for causal models"):
+        job_for(config, "astra", 2, tmp_path, None, {}, "distributed", decoder=False)

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
-from astra.cli.common import bandwidth_arg, fail, int_list, latency_arg, positive_int, user_errors
+from astra.cli.common import (
+    add_exchange_arg,
+    bandwidth_arg,
+    fail,
+    int_list,
+    latency_arg,
+    positive_int,
+    user_errors,
+)
 
 EPILOG = """\
 examples:
@@ -115,15 +123,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="ASTRA/SP wait for remote data before any attention",
     )
-    p.add_argument(
-        "--exchange",
-        choices=["auto", "all-gather", "stream"],
-        default="auto",
-        help="how codes travel: auto (default: causal prefills stream point-to-point to the "
-        "devices holding later tokens, so latency is paid once per device boundary instead of "
-        "once per block; encoders all-gather), all-gather (every device waits for every other, "
-        "every block: the paper's runtime), stream",
-    )
+    add_exchange_arg(p)
     p.add_argument(
         "--out",
         default="benchmarks/results/bench",

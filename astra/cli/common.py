@@ -65,6 +65,18 @@ def add_link_args(parser: argparse.ArgumentParser, bandwidth="10mbit", latency="
     )
 
 
+def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exchange",
+        choices=["auto", "all-gather", "stream"],
+        default="auto",
+        help="how codes travel: auto (default: causal prefills stream point-to-point to the "
+        "devices holding later tokens, so latency is paid once per device boundary instead of "
+        "once per block; encoders all-gather), all-gather (every device waits for every other, "
+        "every block: the paper's runtime), stream",
+    )
+
+
 def write_json(path: str | Path | None, obj) -> None:
     if path is None:
         return

@@ -6,7 +6,14 @@ import argparse
 import json
 import logging
 
-from astra.cli.common import add_link_args, fail, positive_int, user_errors, write_json
+from astra.cli.common import (
+    add_exchange_arg,
+    add_link_args,
+    fail,
+    positive_int,
+    user_errors,
+    write_json,
+)
 from astra.runner import METHODS, MODES, RunConfig, run_inference, run_torchrun, under_torchrun
 
 EPILOG = """\
@@ -118,15 +125,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="wait for remote codes before any attention (the paper's serial runtime)",
     )
-    p.add_argument(
-        "--exchange",
-        choices=["auto", "all-gather", "stream"],
-        default="auto",
-        help="how codes travel: auto (default: causal prefills stream point-to-point to the "
-        "devices holding later tokens, so latency is paid once per device boundary instead of "
-        "once per block; encoders all-gather), all-gather (every device waits for every other, "
-        "every block: the paper's runtime), stream",
-    )
+    add_exchange_arg(p)
     p.add_argument(
         "--tables",
         action="store_true",
