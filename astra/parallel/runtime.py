@@ -132,7 +132,6 @@ class RankAttention(nn.Module):
             lap("project")
         # 2. local, exact, overlapping the link
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
-        local_mask = causal_mask(positions, positions) if lay.causal else None
         if self.overlap:
             out_local, lse_local = attend_positions(q, k, v, positions, positions, lay.causal)
         lap("local_attention")
@@ -142,14 +141,13 @@ class RankAttention(nn.Module):
         lap("wait")
         k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
         k_hat = attn.rotate(k_hat, remote_pos)
-        remote_mask = causal_mask(positions, remote_pos) if lay.causal else None
         lap("rebuild_remote")
         if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
             self.capture.update(k=k, v=v, payloads=payloads)
         if not self.overlap:
-            mask_all = None
+            mask_all = None  # the paper's serial runtime: one dense masked attention
             if lay.causal:
-                mask_all = torch.cat([local_mask, remote_mask], dim=-1)
+                mask_all = causal_mask(positions, torch.cat([positions, remote_pos]))
             y = attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
             lap("remote_attention")
             return y
