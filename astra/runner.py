@@ -38,10 +38,9 @@ from astra.parallel.engine import (
     make_codecs,
     sequence_parallel_forward,
 )
-from astra.parallel.placement import PlacementConfig
+from astra.parallel.placement import COST_FIELDS, CausalCost, PlacementConfig, fit_causal_cost
 from astra.parallel.runtime import (
     EXCHANGES,
-    CausalKernelAttention,
     DecodeAttention,
     resolve_exchange,
     restore_attention_,
@@ -206,11 +205,13 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     class_tokens = effective_class_tokens(model, job.class_tokens)
     # warm-up and set-up traffic on an ideal link (the timed pass uses comm)
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
-    placement = resolve_placement(job.placement, model, x_full.shape[1], warm or comm)
+    codecs = make_codecs(job.method, quantizers, job.use_tables)
+    placement = fit_balanced_placement(
+        job.placement, model, x_full, codecs, rank, warm or comm, job
+    )
     seq = build_sequence_layout(x_full.shape[1], placement, class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
-    codecs = make_codecs(job.method, quantizers, job.use_tables)
     decode_rank = int(seq.device_of_token[-1])
     # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
     loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
@@ -233,6 +234,8 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     with comm.stats.phase("prefill"):
         hidden = sequence_parallel_forward(model, x_full, layout)
     out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
+    if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
+        out["placement_cost"] = asdict(placement.cost)
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
     if job.decoder:
         if rank == decode_rank:
@@ -259,64 +262,49 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     return out
 
 
-def resolve_placement(placement: PlacementConfig, model, num_tokens: int, comm) -> PlacementConfig:
-    """Fill in what "balanced" placement needs: what attention costs relative to a token's
-    linear layers, measured on this machine ((0, 0) for encoders: every token sees every key,
-    so equal chunks are balanced). Every rank measures and all use the mean, so the layouts
-    agree. A FLOP count would put one query-key pair of SmolLM2 at 3e-4 tokens; measured on
-    this CPU it is about 1e-3 (the attention kernels run well below the GEMMs' rate), and a
-    causal square costs about as much as a full one. Balancing on FLOPs under-corrects."""
-    if placement.kind != "balanced" or placement.attention_cost is not None:
+def fit_balanced_placement(
+    placement: PlacementConfig, model, x_full: torch.Tensor, codecs, rank: int, comm, job: Job
+) -> PlacementConfig:
+    """Fill in what "balanced" placement needs: the CausalCost of this model on this machine,
+    fitted from one pass of the real runtime with contiguous chunks on an ideal link (every
+    rank times its stages, all gather them, all fit the same numbers). Encoders get equal
+    chunks (every token sees every key). Measured rather than counted: on this CPU one
+    query-key pair of SmolLM2 costs about 3x what its FLOPs say, and the nearest-code search
+    about a third of a token's linear layers, which a FLOP count of attention alone misses."""
+    if placement.kind != "balanced" or placement.cost is not None:
         return placement
-    cost = (0.0, 0.0)
-    if getattr(model, "causal", False):
-        mine = torch.tensor([measure_attention_cost(model, num_tokens)], dtype=torch.float64)
-        cross, diagonal = torch.cat(comm.all_gather_tensor(mine)).mean(0).tolist()
-        cost = (cross, diagonal)
-    return replace(placement, attention_cost=cost)
-
-
-@torch.no_grad()
-def measure_attention_cost(model, num_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """(cross, diagonal) of PlacementConfig.attention_cost, from one block on this machine:
-    the time of num_tokens tokens through the block without its attention kernel sets the
-    unit; half the tokens attending to the other half (no mask) gives `cross` per pair; the
-    causal kernel over half the tokens gives `diagonal` per squared token (fastest of
-    `repeats` each)."""
-    import torch.nn.functional as F
-
-    block = model.blocks[0]
-    attn = getattr(block.attn, "inner", block.attn)
-    dim = attn.q_proj.in_features
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, num_tokens, dim, generator=gen)
-    positions = torch.arange(num_tokens)
-    q, k, v = attn.project(x)  # (1, H, T, hd), (1, Hkv, T, hd) x2
-    gqa = attn.num_kv_heads != attn.num_heads
-    half = num_tokens // 2
-
-    def fastest(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    def sdpa(qq, kk, vv, causal):
-        return F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=gqa)
-
-    installed = block.attn
-    block.attn = CausalKernelAttention(attn)  # the whole block as one device runs it
-    try:
-        t_block = fastest(lambda: block(x, positions, None))
-    finally:
-        block.attn = installed
-    t_causal_all = fastest(lambda: sdpa(q, k, v, True))
-    t_cross = fastest(lambda: sdpa(q[:, :, half:], k[:, :, :half], v[:, :, :half], False))
-    t_diag = fastest(lambda: sdpa(q[:, :, :half], k[:, :, :half], v[:, :, :half], True))
-    unit = max(t_block - t_causal_all, 1e-9) / num_tokens  # one token through the rest
-    return t_cross / (half * (num_tokens - half)) / unit, t_diag / half**2 / unit
+    if not getattr(model, "causal", False) or placement.num_devices == 1:
+        return replace(placement, cost=CausalCost())
+    exchange = resolve_exchange(job.exchange, True)
+    contiguous = replace(placement, kind="contiguous")
+    layout = build_rank_layout(
+        build_sequence_layout(x_full.shape[1], contiguous, "none"),
+        rank, placement.num_devices, True,
+    )
+    install_rank_attention(model, codecs, layout, comm, job.overlap, exchange=exchange)
+    for _ in range(2 if job.warmup else 1):  # with a warm-up pass first, time the second
+        for block in model.blocks:
+            block.attn.timings = {}
+        comm.barrier()
+        t0 = comm.now()
+        sequence_parallel_forward(model, x_full, layout)
+        stages = _breakdown(model, (comm.now() - t0) * 1e3)
+        comm.wait_sends()
+    tokens = int(layout.local_index.numel())
+    mine = {
+        "tokens": tokens,
+        "earlier": int(layout.local_index.min()),  # contiguous: the tokens before this chunk
+        "sends": float(bool(model.blocks[0].attn.sends)),
+        "linear": stages.get("project", 0.0) + stages.get("mlp_and_rest", 0.0),
+        "encode": stages.get("encode", 0.0),
+        "local": stages.get("local_attention", 0.0),
+        "remote": stages.get("remote_attention", 0.0),
+        "rebuild": stages.get("rebuild_remote", 0.0),
+    }
+    row = torch.tensor([[float(mine[f]) for f in COST_FIELDS]], dtype=torch.float64)
+    records = [dict(zip(COST_FIELDS, r[0].tolist())) for r in comm.all_gather_tensor(row)]
+    cost = fit_causal_cost(records, last_encodes=exchange == "all-gather")
+    return replace(placement, cost=cost)
 
 
 def _breakdown(model, total_ms: float) -> dict[str, float]:
@@ -509,6 +497,8 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         "tokens_per_device": [r["tokens"] for r in results],
         "lost_remote_tokens_per_device": [r.get("lost_remote_tokens", 0) for r in results],
     }
+    if "placement_cost" in results[0]:
+        record["placement_cost"] = results[0]["placement_cost"]
     gen = next((r["generated"] for r in results if "generated" in r), None)
     if gen is not None:
         record["generated_ids"] = gen

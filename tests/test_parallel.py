@@ -18,7 +18,14 @@ from astra.net.link import LinkConfig
 from astra.net.lockstep import run_lockstep, share_weights_copy
 from astra.parallel.config import AstraConfig
 from astra.parallel.engine import build_sequence_layout, expand_class_tokens, rank_forward
-from astra.parallel.placement import PlacementConfig, assign_tokens, split_sizes
+from astra.parallel.placement import (
+    CausalCost,
+    PlacementConfig,
+    assign_tokens,
+    causal_balanced_sizes,
+    fit_causal_cost,
+    split_sizes,
+)
 from astra.parallel.runtime import _attend_lse, merge_partials, plain_attention
 from astra.parallel.simulate import apply_astra
 
@@ -363,31 +370,70 @@ def test_lost_codes_are_dropped_identically_in_simulation_and_runtime(kind):
     assert (clean - lossy).abs().max() > 1e-4  # 30% of remote codes lost changes the output
 
 
-@pytest.mark.parametrize("cross,diagonal", [(1e-3, 1e-3), (1e-3, 0.0), (5e-4, 2e-3)])
-def test_balanced_placement_equalises_causal_cost(cross, diagonal):
-    from astra.parallel.placement import assign_tokens, causal_balanced_sizes
-
-    sizes = causal_balanced_sizes(1000, 4, cross, diagonal)
-    assert sum(sizes) == 1000 and sizes == sorted(sizes, reverse=True)  # later chunks smaller
+@pytest.mark.parametrize("cost", [
+    CausalCost(cross=1e-3, diagonal=1e-3),
+    CausalCost(cross=1e-3),
+    CausalCost(cross=5e-4, diagonal=2e-3, encode=0.3, rebuild=0.05),  # SmolLM2-like, streamed
+    CausalCost(cross=5e-4, diagonal=2e-3, encode=0.3, rebuild=0.05, last_encodes=True),
+])
+def test_balanced_placement_equalises_causal_cost(cost):
+    sizes = causal_balanced_sizes(1000, 4, cost)
+    assert sum(sizes) == 1000
     costs, done = [], 0
-    for n in sizes:
-        costs.append(n + diagonal * n * n + cross * done * n)
+    for d, n in enumerate(sizes):
+        last = d == 3
+        sends = cost.last_encodes or not last
+        # the cost model written out independently of CausalCost.of
+        costs.append(n * (1 + cost.encode * sends) + cost.diagonal * n * n
+                     + cost.cross * done * n + cost.rebuild * done)
         done += n
-    even = [250 + diagonal * 250**2 + cross * 250 * i * 250 for i in range(4)]
+    even = [cost.of(250, 250 * d, last=d == 3) for d in range(4)]
     assert max(costs) < max(even)
     assert max(costs) / min(costs) < 1.02  # one token of rounding per chunk
-    assert causal_balanced_sizes(10, 3, 0.0, 0.0) == [4, 3, 3]  # no attention: even split
-    with pytest.raises(ValueError, match="attention_cost"):
-        assign_tokens(10, PlacementConfig(2, kind="balanced"))
-    placement = PlacementConfig(4, kind="balanced", attention_cost=(cross, diagonal))
+    if cost.encode == 0 or cost.last_encodes:
+        assert sizes == sorted(sizes, reverse=True)  # later chunks attend more: smaller
+    else:
+        assert sizes[3] > sizes[2]  # the last device skips the encode: it takes more tokens
+    placement = PlacementConfig(4, kind="balanced", cost=cost)
     assert torch.bincount(assign_tokens(1000, placement)).tolist() == sizes
+
+
+def test_balanced_placement_without_cost_is_refused_or_even():
+    assert causal_balanced_sizes(10, 3, CausalCost()) == [4, 3, 3]  # no attention: even split
+    with pytest.raises(ValueError, match="CausalCost"):
+        assign_tokens(10, PlacementConfig(2, kind="balanced"))
+    with pytest.raises(ValueError, match="cross must be a number >= 0, got -0.1"):
+        CausalCost(cross=-0.1)
+
+
+def test_fit_causal_cost_recovers_the_costs_it_was_measured_with():
+    # records generated from known per-token costs (ms), as a 4-device contiguous pass would
+    # report them: the fit must read the same CausalCost back
+    unit, out_proj, enc, diag, cross, rebuild = 2.0, 0.1, 0.6, 0.002, 0.0008, 0.09
+    records = []
+    for d in range(4):
+        n, p = 256, 256 * d
+        sends = d < 3
+        records.append({
+            "tokens": n, "earlier": p, "sends": float(sends),
+            "linear": (unit - out_proj) * n, "encode": enc * n * sends,
+            "local": diag * n * n, "remote": out_proj * n + cross * n * p, "rebuild": rebuild * p,
+        })
+    cost = fit_causal_cost(records)
+    expected = CausalCost(cross=cross / unit, diagonal=diag / unit, encode=enc / unit,
+                          rebuild=rebuild / unit)
+    for name in ("cross", "diagonal", "encode", "rebuild"):
+        assert getattr(cost, name) == pytest.approx(getattr(expected, name), rel=1e-9), name
+    assert not cost.last_encodes
+    with pytest.raises(ValueError, match="no earlier tokens"):
+        fit_causal_cost(records[1:])
 
 
 def test_lockstep_runtime_matches_simulation_balanced_placement():
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 30))).detach()
     cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
-    placement = PlacementConfig(3, kind="balanced", attention_cost=(0.05, 0.05))
+    placement = PlacementConfig(3, kind="balanced", cost=CausalCost(cross=0.05, diagonal=0.05))
     astra = apply_astra(copy.deepcopy(model), cfg)
     calibrate_(astra, lambda: astra.forward_hidden(x, None))
     with torch.no_grad():

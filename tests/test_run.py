@@ -29,15 +29,19 @@ def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch
     assert "completion" in astra and (tmp_path / "cb.pt").is_file()
 
 
-def test_balanced_placement_gives_later_devices_fewer_tokens(tiny_llama_dir):
+def test_balanced_placement_is_exact_and_reports_its_costs(tiny_llama_dir):
     # full precision so that the result must equal one device's exactly
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=256, new_tokens=3,
                        methods=("single", "sp-fp32"), mode="composed", placement="balanced")
     summary = run_inference(config, progress=False, log=lambda m: None)
     rows = {r["method"]: r for r in summary["records"]}
     assert rows["sp-fp32"]["generated_ids"] == rows["single"]["generated_ids"]
-    first, last = rows["sp-fp32"]["tokens_per_device"]
-    assert first + last == 256 and first > last  # the later tokens attend to more keys
+    assert sum(rows["sp-fp32"]["tokens_per_device"]) == 256
+    # the chunk sizes come from costs fitted on a measured pass (timing-dependent, so only
+    # their form is checked here; the sizing itself is tested in test_parallel)
+    cost = rows["sp-fp32"]["placement_cost"]
+    assert all(cost[k] >= 0 for k in ("cross", "diagonal", "encode", "rebuild"))
+    assert cost["last_encodes"] is False  # streamed: the last device sends nothing
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -115,9 +115,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         choices=["contiguous", "balanced", "zigzag", "random"],
         default="contiguous",
         help="which tokens each device holds: contiguous equal chunks (default); balanced "
-        "(contiguous, later chunks smaller so every device does the same causal work: the "
-        "last device is the critical path of a streamed prefill); zigzag (chunks d and "
-        "2N-1-d: balances causal attention but every device then needs every other's codes, "
+        "(contiguous chunks sized for equal work from costs fitted on one measured pass: "
+        "later devices attend to more keys, earlier ones also encode; decoders only); "
+        "zigzag (chunks d and 2N-1-d: balances causal attention but every device then "
+        "needs every other's codes, "
         "so no streaming benefit); random",
     )
     p.add_argument(

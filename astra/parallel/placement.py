@@ -16,6 +16,79 @@ PLACEMENTS = ("contiguous", "balanced", "zigzag", "random")
 
 
 @dataclass(frozen=True)
+class CausalCost:
+    """One device's work in a causal prefill, in units of one token through a block's linear
+    layers (projections, MLP, norms). A device holding n tokens after p earlier ones costs
+
+        n * (1 + encode [if it sends]) + diagonal * n^2 + cross * n * p + rebuild * p
+
+    (its linear layers, the nearest-code search for the tokens it shares, causal attention to
+    itself, attention to the earlier tokens, and rebuilding their keys/values from codes).
+    With the streamed exchange the last device sends nothing (`last_encodes=False`); with the
+    all-gather every device encodes.
+    """
+
+    cross: float = 0.0
+    diagonal: float = 0.0
+    encode: float = 0.0
+    rebuild: float = 0.0
+    last_encodes: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("cross", "diagonal", "encode", "rebuild"):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"CausalCost.{name} must be a number >= 0, got {value}")
+
+    def of(self, n: int, p: int, last: bool) -> float:
+        """The cost of n tokens after p earlier ones; `last`: the device with the latest."""
+        sends = self.last_encodes or not last
+        return n * (1 + self.encode * sends) + self.diagonal * n * n + (
+            self.cross * n + self.rebuild
+        ) * p
+
+
+# what fit_causal_cost reads, per device, from one measured pass (times in ms, wait excluded)
+COST_FIELDS = ("tokens", "earlier", "sends", "linear", "encode", "local", "remote", "rebuild")
+
+
+def fit_causal_cost(records: list[dict], last_encodes: bool = False) -> CausalCost:
+    """CausalCost from one measured pass with contiguous chunks (every rank's timings).
+
+    Each record has COST_FIELDS: the device's token count n and earlier tokens p, whether it
+    encoded, and the ms it spent in its linear layers and in the runtime's stages (see
+    RankAttention: `local` is RoPE + causal self-attention, charged to n^2; `remote` is the
+    attention to earlier tokens plus the merge and output projection, whose per-token part is
+    read off the first device, which has no earlier tokens). Every rank fits from the same
+    gathered records, so all reach the same layout.
+    """
+    first = [r for r in records if r["earlier"] == 0]
+    later = [r for r in records if r["earlier"] > 0]
+    senders = [r for r in records if r["sends"]]
+    tokens = sum(r["tokens"] for r in records)
+    if not first or tokens <= 0:
+        raise ValueError(f"cannot fit a cost model from {records}: need a device with no "
+                         "earlier tokens")
+    # ms per token of what `remote` spends outside attention (merge, output projection)
+    out_proj = sum(r["remote"] for r in first) / sum(r["tokens"] for r in first)
+    unit = (sum(r["linear"] for r in records) + out_proj * tokens) / tokens  # ms per token
+    if not unit > 0:
+        raise ValueError(f"cannot fit a cost model from {records}: no linear time measured")
+    encode = sum(r["encode"] for r in senders) / max(sum(r["tokens"] for r in senders), 1)
+    pairs = sum(r["tokens"] * r["earlier"] for r in later)
+    cross = sum(r["remote"] - out_proj * r["tokens"] for r in later) / pairs if pairs else 0.0
+    rebuild = sum(r["rebuild"] for r in later) / max(sum(r["earlier"] for r in later), 1)
+    diagonal = sum(r["local"] for r in records) / sum(r["tokens"] ** 2 for r in records)
+    return CausalCost(
+        cross=max(cross, 0.0) / unit,
+        diagonal=max(diagonal, 0.0) / unit,
+        encode=max(encode, 0.0) / unit,
+        rebuild=max(rebuild, 0.0) / unit,
+        last_encodes=last_encodes,
+    )
+
+
+@dataclass(frozen=True)
 class PlacementConfig:
     num_devices: int  # N: devices sharing one sequence
     # "contiguous" chunks; "zigzag": 2N chunks, device d holds chunks d and 2N-1-d, which
@@ -23,14 +96,12 @@ class PlacementConfig:
     # of the first); "random" (any imbalance, App. D)
     kind: str = "contiguous"
     # "balanced": contiguous chunks sized so that every device does the same causal work
-    # (the later chunks attend to more keys, so they get fewer tokens); needs attention_ratio
+    # (the later chunks attend to more keys, so they get fewer tokens); needs `cost`
     weights: tuple[float, ...] | None = None  # relative device speeds; None = equal shares
     seed: int = 0  # for kind="random"
-    # kind="balanced": (cross, diagonal) cost of attention in units of one token through a
-    # block's linear layers: a query attending to one key of an earlier chunk, and a chunk of n
-    # tokens attending to itself causally costing diagonal*n^2 (astra.runner measures both on
-    # the machine); (0, 0) = equal chunks, right for encoders
-    attention_cost: tuple[float, float] | None = None
+    # kind="balanced": what a device's work costs (astra.runner fits it from a measured pass
+    # on the machine); CausalCost() = equal chunks, right for encoders
+    cost: CausalCost | None = None
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -46,10 +117,8 @@ class PlacementConfig:
                 raise ValueError(f"device weights must be > 0, got {self.weights}")
             if self.kind in ("zigzag", "balanced"):
                 raise ValueError(f"{self.kind} placement sizes chunks itself; it takes no weights")
-        if self.attention_cost is not None and (
-            len(self.attention_cost) != 2 or min(self.attention_cost) < 0
-        ):
-            raise ValueError(f"attention_cost must be two numbers >= 0, got {self.attention_cost}")
+        if self.cost is not None and not isinstance(self.cost, CausalCost):
+            raise ValueError(f"cost must be a CausalCost, got {self.cost!r}")
 
 
 def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
@@ -78,40 +147,39 @@ def split_sizes(num_tokens: int, num_devices: int, weights=None) -> list[int]:
     return sizes.tolist()
 
 
-def causal_balanced_sizes(
-    num_tokens: int, num_devices: int, cross: float, diagonal: float
-) -> list[int]:
-    """Contiguous chunk sizes that minimise the largest per-device causal cost.
+def causal_balanced_sizes(num_tokens: int, num_devices: int, cost: CausalCost) -> list[int]:
+    """Contiguous chunk sizes that minimise the largest per-device cost (CausalCost.of).
 
-    A chunk of n tokens after p earlier ones costs n + diagonal*n^2 + cross*p*n token-units:
-    its linear layers, its causal attention to itself, its attention to the earlier chunks.
-    With streaming (the runtime's causal exchange) each device's finish time is set by its own
-    cost, so equal costs are what matter; an even split leaves the last device the most
-    attention. Bisection on the cost cap C: each device in turn takes the most tokens that fit
-    under C, and C is feasible when the last device's remainder fits too.
+    With streaming (the runtime's causal exchange) each device runs at its own pace and trails
+    its predecessors by one latency, so equal costs are what matter: an even split leaves the
+    last device the most attention, and the others the encoding. Bisection on the cost cap C:
+    each device in turn takes the most tokens that fit under C, and C is feasible when the last
+    device's remainder fits too.
     """
-    if num_tokens < num_devices or (cross == 0 and diagonal == 0):
+    if num_tokens < num_devices or cost == CausalCost(last_encodes=cost.last_encodes):
         return split_sizes(num_tokens, num_devices)  # (raises the clear error when too few)
 
-    def cost(n: int, p: int) -> float:
-        return n + diagonal * n * n + cross * p * n
+    def most_tokens(cap: float, done: int, last: bool) -> int:
+        """The largest n with cost.of(n, done, last) <= cap (at least 1)."""
+        a = cost.diagonal
+        b = 1 + cost.encode * (cost.last_encodes or not last) + cost.cross * done
+        room = cap - cost.rebuild * done
+        if room <= 0:
+            return 1
+        n = int((-b + (b * b + 4 * a * room) ** 0.5) / (2 * a)) if a > 0 else int(room / b)
+        return max(n, 1)
 
     def greedy(cap: float) -> list[int] | None:
         sizes, done = [], 0
         for d in range(num_devices - 1):
             room = num_tokens - done - (num_devices - 1 - d)  # leave one token for each later
-            b = 1 + cross * done
-            if diagonal > 0:  # largest n with diagonal*n^2 + b*n <= cap
-                n = int((-b + (b * b + 4 * diagonal * cap) ** 0.5) / (2 * diagonal))
-            else:
-                n = int(cap / b)
-            n = min(max(n, 1), room)
+            n = min(most_tokens(cap, done, last=False), room)
             sizes.append(n)
             done += n
         rest = num_tokens - done
-        return sizes + [rest] if cost(rest, done) <= cap else None
+        return sizes + [rest] if cost.of(rest, done, last=True) <= cap else None
 
-    lo, hi = 0.0, cost(num_tokens, 0)
+    lo, hi = 0.0, max(cost.of(num_tokens, 0, last=True), cost.of(num_tokens, 0, last=False))
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if greedy(mid) is not None else (mid, hi)
@@ -121,12 +189,12 @@ def causal_balanced_sizes(
 def assign_tokens(num_tokens: int, config: PlacementConfig) -> torch.Tensor:
     """device_of_token (num_tokens,) int64 in [0, N)."""
     if config.kind == "balanced":
-        if config.attention_cost is None:
+        if config.cost is None:
             raise ValueError(
-                "balanced placement needs attention_cost (astra.runner measures it on the "
-                "model); use contiguous for equal chunks"
+                "balanced placement needs a CausalCost (astra.runner fits one from a measured "
+                "pass); use contiguous for equal chunks"
             )
-        sizes = causal_balanced_sizes(num_tokens, config.num_devices, *config.attention_cost)
+        sizes = causal_balanced_sizes(num_tokens, config.num_devices, config.cost)
         return torch.repeat_interleave(torch.arange(config.num_devices), torch.tensor(sizes))
     if config.kind == "zigzag" and num_tokens >= 2 * config.num_devices:
         n = config.num_devices
