@@ -225,6 +225,11 @@ def _record(
         },
         "tables": config.use_tables if method == "astra" else None,
         "placement": config.placement,
+        "tokens_per_device": [r.get("tokens") for r in results],
+        "compute_ms_per_device": [
+            round(r["prefill_ms"] - c["comm_ms"], 2) for r, c in zip(results, prefill)
+        ],
+        "placement_cost": results[0].get("placement_cost"),  # balanced: the fitted costs
         "exchange": (
             resolve_exchange(config.exchange, decoder)
             if method in ("astra", "sp-fp32", "sp-fp16")
