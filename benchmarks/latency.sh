@@ -53,3 +53,14 @@ for v in "stream:--exchange stream" "all-gather:--exchange all-gather" \
   $A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
       --methods single,astra ${v#*:} --out $R/exchange/composed-${v%%:*}
 done
+
+# 6. Balanced placement fitted from a measured pass (encode and rebuild costs included) against
+#    plain streaming: three interleaved repeats, each with its own single-device run.
+for rep in 1 2 3; do
+  for v in "stream:" "balanced:--placement balanced"; do
+    $A bench --model smollm2-135m --tokens 1024 --devices 2,4 --bandwidths 10mbit \
+        --methods single,astra ${v#*:} --out $R/balanced-fit/composed-${v%%:*}-$rep
+    $A bench --mode processes --model smollm2-135m --tokens 1024 --devices 2 \
+        --bandwidths 10mbit --methods single,astra ${v#*:} --out $R/balanced-fit/2dev-${v%%:*}-$rep
+  done
+done
