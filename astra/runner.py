@@ -41,6 +41,7 @@ from astra.parallel.engine import (
 from astra.parallel.placement import COST_FIELDS, CausalCost, PlacementConfig, fit_causal_cost
 from astra.parallel.runtime import (
     EXCHANGES,
+    REMOTE_CACHES,
     DecodeAttention,
     resolve_exchange,
     restore_attention_,
@@ -71,6 +72,8 @@ class RunConfig:
     placement: str = "contiguous"  # token -> device: contiguous, zigzag (balanced causal), random
     overlap: bool = True  # overlap the code exchange with local attention
     exchange: str = "auto"  # auto: stream causal prefills point-to-point, all-gather otherwise
+    # decoding: remote K/V kept as codes and rebuilt every step (App. G), or rebuilt once
+    remote_cache: str = "codes"
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # every collective, and the whole run
     loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
@@ -91,6 +94,10 @@ class RunConfig:
         PlacementConfig(self.devices, kind=self.placement)  # validates the kind
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
+        if self.remote_cache not in REMOTE_CACHES:
+            raise ValueError(
+                f"remote_cache {self.remote_cache!r} is not one of {REMOTE_CACHES}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
 
@@ -121,6 +128,7 @@ class Job:
     use_tables: bool
     decoder: bool
     exchange: str = "auto"
+    remote_cache: str = "codes"
     loss_rate: float = 0.0
     decode: bool = True  # decoders: generate new_tokens after the prefill (False: TTFT only)
     warmup: bool = True  # one untimed pass first (allocators, math library start-up)
@@ -154,6 +162,7 @@ def job_for(
         timeout_s=config.timeout_s,
         overlap=config.overlap,
         exchange=config.exchange,
+        remote_cache=config.remote_cache,
         use_tables=config.use_tables,
         decoder=decoder,
         loss_rate=config.loss_rate,
@@ -244,7 +253,9 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
             out["ttft_ms"] = (now() - t0) * 1e3
             out["breakdown_ms"] = _breakdown(model, out["ttft_ms"])
             if job.decode:
-                steps, tpot, cache = _decode(model, first, x_full.shape[1], job.new_tokens, now)
+                steps, tpot, cache = _decode(
+                    model, first, x_full.shape[1], job.new_tokens, now, job.remote_cache
+                )
                 out.update(generated=[first] + steps, tpot_ms=tpot, kv_cache=cache)
         if "ttft_ms" not in out:
             out["prefill_ms"] = (now() - t0) * 1e3
@@ -358,12 +369,13 @@ def _baseline(rank: int, world_size: int, comm, model, x_full: torch.Tensor, job
     }
 
 
-def _decode(model, first: int, start: int, new_tokens: int, now):
-    """Greedy decoding on the decode device with the captured cache (remote part as codes)."""
-    for block in model.blocks:
-        block.attn = DecodeAttention(block.attn, block.attn.capture)
-    token, steps = first, []
+def _decode(model, first: int, start: int, new_tokens: int, now, remote_cache: str = "codes"):
+    """Greedy decoding on the decode device with the captured cache (remote part as codes, or
+    rebuilt once: that one-off rebuild is counted in the time per output token)."""
     t0 = now()
+    for block in model.blocks:
+        block.attn = DecodeAttention(block.attn, block.attn.capture, remote_cache)
+    token, steps = first, []
     for i in range(new_tokens - 1):
         pos = torch.tensor([start + i])
         x = model.embed(torch.tensor([[token]]), pos)
@@ -372,7 +384,7 @@ def _decode(model, first: int, start: int, new_tokens: int, now):
         token = int(model.head(x).argmax(-1))
         steps.append(token)
     tpot = (now() - t0) * 1e3 / max(new_tokens - 1, 1)
-    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0}
+    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
     for block in model.blocks:
         for key, value in block.attn.cache_bytes().items():
             cache[key] += value

@@ -44,6 +44,24 @@ def test_balanced_placement_is_exact_and_reports_its_costs(tiny_llama_dir):
     assert cost["last_encodes"] is False  # streamed: the last device sends nothing
 
 
+def test_remote_cache_rebuilt_once_decodes_like_codes(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    rows = {}
+    for remote_cache in ("codes", "rebuilt"):
+        config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=6,
+                           methods=("astra",), mode="composed", remote_cache=remote_cache)
+        rows[remote_cache] = run_inference(config, progress=False, log=lambda m: None)["records"][0]
+    codes, rebuilt = rows["codes"]["kv_cache"], rows["rebuilt"]["kv_cache"]
+    # the rebuild is deterministic: the same tokens whether it happens once or every step
+    assert rows["rebuilt"]["generated_ids"] == rows["codes"]["generated_ids"]
+    assert codes["remote_code_bytes"] == 2 * ((32 * 20) // 8)
+    assert codes["remote_rebuilt_bytes"] == 0
+    # 2 blocks x 32 remote tokens x (k, v) x Dkv = 2 heads x 16 dims, fp32
+    assert rebuilt["remote_rebuilt_bytes"] == 2 * 32 * 2 * 32 * 4
+    assert rebuilt["remote_code_bytes"] == 0
+    assert rebuilt["local_exact_bytes"] == codes["local_exact_bytes"]
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(devices=0), "devices must be >= 1"),
     (dict(tokens=4, devices=8), "tokens=4 must be >= devices=8"),
@@ -51,6 +69,7 @@ def test_balanced_placement_is_exact_and_reports_its_costs(tiny_llama_dir):
     (dict(loss_rate=1.5), "loss rate must be in"),
     (dict(placement="spiral"), "placement kind 'spiral'"),
     (dict(exchange="broadcast"), "exchange 'broadcast'"),
+    (dict(remote_cache="floats"), "remote_cache 'floats' is not one of"),
 ])
 def test_run_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

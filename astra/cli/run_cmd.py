@@ -133,6 +133,14 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="rebuild remote K/V with per-code projection tables (hidden point)",
     )
     p.add_argument(
+        "--remote-cache",
+        choices=["codes", "rebuilt"],
+        default="codes",
+        help="decoding: keep the other devices' keys/values as codes and rebuild them every "
+        "step (default; the paper's App. G, ~600x less memory) or rebuild them once and keep "
+        "the floats (faster per token)",
+    )
+    p.add_argument(
         "--loss",
         type=float,
         default=0.0,
@@ -172,6 +180,7 @@ def run(args) -> int:
             placement=args.placement,
             overlap=not args.no_overlap,
             exchange=args.exchange,
+            remote_cache=args.remote_cache,
             use_tables=args.tables,
             timeout_s=args.timeout,
             prompt=args.prompt,
@@ -239,10 +248,12 @@ def print_summary(summary: dict) -> None:
             print(f"lost codes: {lost} remote token-blocks dropped (--loss), not retransmitted")
         if astra.get("kv_cache"):
             c = astra["kv_cache"]
-            print(
-                f"decode-device KV cache: {_bytes(c['local_exact_bytes'])} exact local, "
-                f"{_bytes(c['remote_code_bytes'])} remote kept as codes"
+            remote = (
+                f"{_bytes(c['remote_rebuilt_bytes'])} remote rebuilt once (--remote-cache rebuilt)"
+                if c.get("remote_rebuilt_bytes")
+                else f"{_bytes(c['remote_code_bytes'])} remote kept as codes"
             )
+            print(f"decode-device KV cache: {_bytes(c['local_exact_bytes'])} exact local, {remote}")
     print("TTFT = prefill to first token; compute/comm/wait: slowest device, prefill phase.")
 
 

@@ -212,17 +212,25 @@ class RankAttention(nn.Module):
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(pos)
 
 
+REMOTE_CACHES = ("codes", "rebuilt")
+
+
 class DecodeAttention(nn.Module):
     """Attention on the decode device after a distributed prefill (paper §3.1 step 4, App. G).
 
-    Local keys/values stay exact and grow with each generated token; the other devices' keys
-    and values are kept as the payloads that arrived during prefill (codes, for ASTRA) and
-    rebuilt at every step, so the cache holds G*log2K bits per remote token instead of
-    2*Dkv floats. For the "kv" point rebuilding is a table lookup plus RoPE.
+    Local keys/values stay exact and grow with each generated token. The other devices' keys
+    and values are kept as the payloads that arrived during prefill (`remote_cache="codes"`,
+    the paper's choice: G*log2K bits per remote token instead of 2*Dkv floats) and rebuilt at
+    every step; for the "kv" point that is a table lookup plus RoPE, in every block, for every
+    remote token, at every step. `remote_cache="rebuilt"` rebuilds them once, rotated, and
+    keeps the floats: the same outputs (the rebuild is deterministic) for the memory of a
+    full-precision cache and none of the per-step work.
     """
 
-    def __init__(self, rank_attention: RankAttention, captured: dict):
+    def __init__(self, rank_attention: RankAttention, captured: dict, remote_cache: str = "codes"):
         super().__init__()
+        if remote_cache not in REMOTE_CACHES:
+            raise ValueError(f"remote_cache {remote_cache!r} is not one of {REMOTE_CACHES}")
         self.inner = rank_attention.inner
         self.codec = rank_attention.codec
         self.layout = rank_attention.layout
@@ -241,13 +249,32 @@ class DecodeAttention(nn.Module):
             self.received.append(got)
             positions.append(p)
         self.remote_positions = _cat_positions(positions, self.k.new_zeros(0, dtype=torch.long))
+        self.remote_k = self.remote_v = None  # (1, Hkv, T_remote, hd), when rebuilt once
+        if remote_cache == "rebuilt":
+            self.remote_k, self.remote_v = self._rebuild()
+            self.received = []
+
+    def _rebuild(self) -> tuple[Tensor | None, Tensor | None]:
+        """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes."""
+        if not self.received:
+            return None, None
+        ks, vs = zip(*(self.codec.rebuild_kv(self.inner, r) for r in self.received))
+        k_hat = self.inner.rotate(torch.cat(ks, dim=2), self.remote_positions)
+        return k_hat, torch.cat(vs, dim=2)
 
     def cache_bytes(self) -> dict:
         local = (self.k.numel() + self.v.numel()) * self.k.element_size()
         remote_bits = sum(
             r.numel() * getattr(self.codec, "bits", r.element_size() * 8) for r in self.received
         )
-        return {"local_exact_bytes": local, "remote_code_bytes": remote_bits // 8}
+        rebuilt = 0
+        if self.remote_k is not None:
+            rebuilt = (self.remote_k.numel() + self.remote_v.numel()) * self.remote_k.element_size()
+        return {
+            "local_exact_bytes": local,
+            "remote_code_bytes": remote_bits // 8,
+            "remote_rebuilt_bytes": rebuilt,
+        }
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         attn = self.inner
@@ -255,16 +282,13 @@ class DecodeAttention(nn.Module):
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         self.k = torch.cat([self.k, k], dim=2)
         self.v = torch.cat([self.v, v], dim=2)
-        ks, vs = [], []
-        for received in self.received:
-            k_j, v_j = self.codec.rebuild_kv(attn, received)
-            ks.append(k_j)
-            vs.append(v_j)
+        k_hat, v_hat = self.remote_k, self.remote_v
+        if k_hat is None:  # codes kept: rebuild every step
+            k_hat, v_hat = self._rebuild()
         k_all, v_all = self.k, self.v
-        if ks:
-            k_hat = attn.rotate(torch.cat(ks, dim=2), self.remote_positions)
+        if k_hat is not None:
             k_all = torch.cat([k_hat, k_all], dim=2)
-            v_all = torch.cat([torch.cat(vs, dim=2), v_all], dim=2)
+            v_all = torch.cat([v_hat, v_all], dim=2)
         # every cached token precedes the new one: no mask
         return attn.attend(q, k_all, v_all, None)
 
