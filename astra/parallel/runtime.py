@@ -249,10 +249,12 @@ class DecodeAttention(nn.Module):
             self.received.append(got)
             positions.append(p)
         self.remote_positions = _cat_positions(positions, self.k.new_zeros(0, dtype=torch.long))
-        self.remote_k = self.remote_v = None  # (1, Hkv, T_remote, hd), when rebuilt once
-        if remote_cache == "rebuilt":
-            self.remote_k, self.remote_v = self._rebuild()
-            self.received = []
+        self.rebuilt_tokens = 0  # remote tokens rebuilt once, at the front of self.k/self.v
+        if remote_cache == "rebuilt" and self.received:
+            k_hat, v_hat = self._rebuild()
+            # one cache in position order, as on a single device: (1, Hkv, T_remote + T_local, hd)
+            self.k, self.v = torch.cat([k_hat, self.k], dim=2), torch.cat([v_hat, self.v], dim=2)
+            self.rebuilt_tokens, self.received = k_hat.shape[2], []
 
     def _rebuild(self) -> tuple[Tensor | None, Tensor | None]:
         """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes."""
@@ -263,13 +265,12 @@ class DecodeAttention(nn.Module):
         return k_hat, torch.cat(vs, dim=2)
 
     def cache_bytes(self) -> dict:
-        local = (self.k.numel() + self.v.numel()) * self.k.element_size()
+        per_token = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()  # k and v
+        rebuilt = self.rebuilt_tokens * per_token
+        local = (self.k.numel() + self.v.numel()) * self.k.element_size() - rebuilt
         remote_bits = sum(
             r.numel() * getattr(self.codec, "bits", r.element_size() * 8) for r in self.received
         )
-        rebuilt = 0
-        if self.remote_k is not None:
-            rebuilt = (self.remote_k.numel() + self.remote_v.numel()) * self.remote_k.element_size()
         return {
             "local_exact_bytes": local,
             "remote_code_bytes": remote_bits // 8,
@@ -282,11 +283,9 @@ class DecodeAttention(nn.Module):
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         self.k = torch.cat([self.k, k], dim=2)
         self.v = torch.cat([self.v, v], dim=2)
-        k_hat, v_hat = self.remote_k, self.remote_v
-        if k_hat is None:  # codes kept: rebuild every step
-            k_hat, v_hat = self._rebuild()
         k_all, v_all = self.k, self.v
-        if k_hat is not None:
+        if self.received:  # codes kept: rebuild every step
+            k_hat, v_hat = self._rebuild()
             k_all = torch.cat([k_hat, k_all], dim=2)
             v_all = torch.cat([v_hat, v_all], dim=2)
         # every cached token precedes the new one: no mask
