@@ -95,9 +95,7 @@ class RunConfig:
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
         if self.remote_cache not in REMOTE_CACHES:
-            raise ValueError(
-                f"remote_cache {self.remote_cache!r} is not one of {REMOTE_CACHES}"
-            )
+            raise ValueError(f"remote_cache {self.remote_cache!r} is not one of {REMOTE_CACHES}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
 
@@ -290,7 +288,9 @@ def fit_balanced_placement(
     contiguous = replace(placement, kind="contiguous")
     layout = build_rank_layout(
         build_sequence_layout(x_full.shape[1], contiguous, "none"),
-        rank, placement.num_devices, True,
+        rank,
+        placement.num_devices,
+        True,
     )
     install_rank_attention(model, codecs, layout, comm, job.overlap, exchange=exchange)
     for _ in range(2 if job.warmup else 1):  # with a warm-up pass first, time the second

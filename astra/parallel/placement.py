@@ -43,9 +43,11 @@ class CausalCost:
     def of(self, n: int, p: int, last: bool) -> float:
         """The cost of n tokens after p earlier ones; `last`: the device with the latest."""
         sends = self.last_encodes or not last
-        return n * (1 + self.encode * sends) + self.diagonal * n * n + (
-            self.cross * n + self.rebuild
-        ) * p
+        return (
+            n * (1 + self.encode * sends)
+            + self.diagonal * n * n
+            + (self.cross * n + self.rebuild) * p
+        )
 
 
 # what fit_causal_cost reads, per device, from one measured pass (times in ms, wait excluded)
@@ -67,8 +69,9 @@ def fit_causal_cost(records: list[dict], last_encodes: bool = False) -> CausalCo
     senders = [r for r in records if r["sends"]]
     tokens = sum(r["tokens"] for r in records)
     if not first or tokens <= 0:
-        raise ValueError(f"cannot fit a cost model from {records}: need a device with no "
-                         "earlier tokens")
+        raise ValueError(
+            f"cannot fit a cost model from {records}: need a device with no earlier tokens"
+        )
     # ms per token of what `remote` spends outside attention (merge, output projection)
     out_proj = sum(r["remote"] for r in first) / sum(r["tokens"] for r in first)
     unit = (sum(r["linear"] for r in records) + out_proj * tokens) / tokens  # ms per token
