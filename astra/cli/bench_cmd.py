@@ -17,6 +17,7 @@ from astra.cli.common import (
     positive_int,
     user_errors,
 )
+from astra.parallel.placement import PLACEMENTS
 
 EPILOG = """\
 examples:
@@ -100,7 +101,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--placement",
-        choices=["contiguous", "balanced", "zigzag", "random"],
+        choices=PLACEMENTS,
         default="contiguous",
         help="token-to-device assignment for SP methods (see astra run --help)",
     )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from astra.net.link import parse_bandwidth, parse_latency
+from astra.parallel.runtime import EXCHANGES
 
 
 def bandwidth_arg(text: str) -> float:
@@ -68,7 +69,7 @@ def add_link_args(parser: argparse.ArgumentParser, bandwidth="10mbit", latency="
 def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exchange",
-        choices=["auto", "all-gather", "stream"],
+        choices=EXCHANGES,
         default="auto",
         help="how codes travel: auto (default: causal prefills stream point-to-point to the "
         "devices holding later tokens, so latency is paid once per device boundary instead of "

@@ -14,6 +14,8 @@ from astra.cli.common import (
     user_errors,
     write_json,
 )
+from astra.parallel.placement import PLACEMENTS
+from astra.parallel.runtime import REMOTE_CACHES
 from astra.runner import METHODS, MODES, RunConfig, run_inference, run_torchrun, under_torchrun
 
 EPILOG = """\
@@ -112,7 +114,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--placement",
-        choices=["contiguous", "balanced", "zigzag", "random"],
+        choices=PLACEMENTS,
         default="contiguous",
         help="which tokens each device holds: contiguous equal chunks (default); balanced "
         "(contiguous chunks sized for equal work from costs fitted on one measured pass: "
@@ -134,7 +136,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--remote-cache",
-        choices=["codes", "rebuilt"],
+        choices=REMOTE_CACHES,
         default="codes",
         help="decoding: keep the other devices' keys/values as codes and rebuild them every "
         "step (default; the paper's App. G, ~600x less memory) or rebuild them once and keep "

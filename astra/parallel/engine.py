@@ -144,6 +144,5 @@ def rank_forward(
     codecs = make_codecs(method, quantizers, use_tables)
     install_rank_attention(model, codecs, layout, comm, overlap, loss=loss, exchange=exchange)
     out = sequence_parallel_forward(model, x_full, layout)
-    if hasattr(comm, "wait_sends"):  # streamed codes must be delivered before the rank moves on
-        comm.wait_sends()
+    comm.wait_sends()  # streamed codes must be delivered before the rank moves on
     return out

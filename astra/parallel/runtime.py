@@ -51,7 +51,7 @@ class RankLayout:
     send_counts: list[int]  # tokens each rank sends, per rank
     send_positions: list[Tensor]  # absolute positions of the tokens each rank sends, per rank
     causal: bool
-    last_positions: list[int] | None = None  # latest position each rank holds (-1: none)
+    last_positions: list[int]  # latest position each rank holds (-1: none)
 
     @property
     def remote_positions(self) -> Tensor:
@@ -64,8 +64,6 @@ class RankLayout:
             return False
         if not self.causal:
             return True
-        if self.last_positions is None:
-            raise ValueError("a causal RankLayout needs last_positions")
         return int(self.send_positions[sender].min()) <= self.last_positions[receiver]
 
     @property
@@ -256,10 +254,8 @@ class DecodeAttention(nn.Module):
             self.k, self.v = torch.cat([k_hat, self.k], dim=2), torch.cat([v_hat, self.v], dim=2)
             self.rebuilt_tokens, self.received = k_hat.shape[2], []
 
-    def _rebuild(self) -> tuple[Tensor | None, Tensor | None]:
-        """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes."""
-        if not self.received:
-            return None, None
+    def _rebuild(self) -> tuple[Tensor, Tensor]:
+        """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes (non-empty)."""
         ks, vs = zip(*(self.codec.rebuild_kv(self.inner, r) for r in self.received))
         k_hat = self.inner.rotate(torch.cat(ks, dim=2), self.remote_positions)
         return k_hat, torch.cat(vs, dim=2)
@@ -335,7 +331,7 @@ EXCHANGES = ("auto", "all-gather", "stream")
 def resolve_exchange(exchange: str, causal: bool) -> str:
     """The exchange to use: "auto" streams causal prefills and all-gathers the rest."""
     if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+        raise ValueError(f"exchange {exchange!r} is not one of {EXCHANGES}")
     if exchange == "auto":
         return "stream" if causal else "all-gather"
     if exchange == "stream" and not causal:
