@@ -60,6 +60,9 @@ class BenchConfig:
     exchange: str = "auto"  # see astra.parallel.runtime: stream causal prefills, else all-gather
     use_tables: bool = False  # hidden point: rebuild remote K/V with per-code projection tables
     timeout_s: float = 900.0
+    # every (method, devices, bandwidth, tokens) run this many times, interleaved (all methods
+    # once, then all again): a record keeps the median pass, its speed-up is median over median
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in BENCH_METHODS]
@@ -78,6 +81,8 @@ class BenchConfig:
             raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
         if not self.bandwidths_mbps or min(self.bandwidths_mbps) <= 0:
             raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
 
 def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:
@@ -99,7 +104,6 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     family = model_family(model_dir)
     decoder = family in ("llama", "gpt2")
     resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, first
-    records: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="astra-bench-"))
     base = load_model(model_dir)
     plan = []
@@ -121,75 +125,116 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
         embed_inputs(
             base, build_inputs(RunConfig(model=config.model, tokens=8, image_size=28), model_dir)[0]
         )
-    singles: dict[int, float] = {}
-    bar = tqdm(plan, desc="bench", disable=not progress)
-    for tokens, inputs, n, bw, method in bar:
-        bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens}")
-        artefact = None
-        class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
-        astra_config = AstraConfig(
-            quant_point=config.quant_point or ("kv" if family == "llama" else "hidden"),
-            num_groups=config.groups,
-            codebook_size=config.codebook_size,
-            class_tokens=class_tokens,
-        )
-        if method == "astra":
-            if config.artefact:
-                artefact = Path(config.artefact)
-            elif tokens not in artefacts:
-                artefacts[tokens] = timing_artefact(
-                    model_dir, astra_config, inputs, tmp / f"timing-{tokens}.pt"
+    # Interleaved repeats: this VM's speed drifts by 20-30 % over minutes (noisy neighbours), so
+    # each repeat runs every plan entry once and the methods of one repeat are side by side.
+    runs: list[list[dict]] = [[] for _ in plan]
+    bar = tqdm(total=len(plan) * config.repeats, desc="bench", disable=not progress)
+    for repeat in range(config.repeats):
+        for i, (tokens, inputs, n, bw, method) in enumerate(plan):
+            bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens} #{repeat + 1}")
+            runs[i].append(
+                _run_one(
+                    config,
+                    model_dir,
+                    family,
+                    decoder,
+                    base,
+                    tmp,
+                    artefacts,
+                    tokens,
+                    inputs,
+                    n,
+                    bw,
+                    method,
+                    log,
                 )
-            artefact = artefact or artefacts[tokens]
-        world = 1 if method == "single" else n
-        job = Job(
-            method=method,
-            model_dir=str(model_dir),
-            artefact=str(artefact) if artefact else None,
-            inputs=inputs,
-            placement=PlacementConfig(world, kind=config.placement),
-            class_tokens=class_tokens,
-            new_tokens=1,
-            link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
-            timeout_s=config.timeout_s,
-            overlap=config.overlap,
-            exchange=config.exchange,
-            use_tables=config.use_tables,
-            decoder=decoder,
-            decode=False,  # the bench times the prefill (time to the first token's logits)
-            warmup=config.mode == "processes",  # fresh processes: warm the math libraries
-            pp_chunks=config.pp_chunks,
-            bp_syncs=config.bp_syncs,
-            model=base if config.mode == "composed" else None,
-        )
-        t0 = time.perf_counter()
-        try:
-            results = run_ranks(job, world, config.mode)
-        except (ValueError, RuntimeError) as exc:  # e.g. more pipeline stages than layers
-            cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
-            log(f"skipped {method} x{world}: {cause}")
-            records.append(
-                {
-                    "method": method,
-                    "devices": world,
-                    "tokens": tokens,
-                    "bandwidth_mbps": bw,
-                    "skipped": str(cause),
-                }
             )
-            continue
-        record = _record(
-            config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
-        )
-        record["wall_s"] = round(time.perf_counter() - t0, 2)
-        if method == "single":
-            singles[tokens] = record["total_ms"]
-        records.append(record)
+            bar.update()
+    bar.close()
+    records = [_median_record(r) for r in runs]
+    singles = {r["tokens"]: r for r in records if r["method"] == "single" and "total_ms" in r}
     for r in records:
         single = singles.get(r["tokens"])
         if "total_ms" in r:
-            r["speedup_vs_single"] = round(single / r["total_ms"], 4) if single else None
+            r["speedup_vs_single"] = (
+                round(single["total_ms"] / r["total_ms"], 4) if single else None
+            )
+            if single and config.repeats > 1:  # each repeat's ratio, side by side in time
+                r["speedup_per_repeat"] = [
+                    round(s / t, 4) for s, t in zip(single["repeats_ms"], r["repeats_ms"])
+                ]
     return records
+
+
+def _median_record(runs: list[dict]) -> dict:
+    """The run with the median total of one plan entry, with every repeat's total."""
+    if any("skipped" in r for r in runs):
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r["total_ms"])
+    record = dict(ordered[(len(ordered) - 1) // 2])  # lower median: a real pass, not a mean
+    record["repeats_ms"] = [r["total_ms"] for r in runs]
+    return record
+
+
+def _run_one(
+    config, model_dir, family, decoder, base, tmp, artefacts, tokens, inputs, n, bw, method, log
+) -> dict:
+    """One timed prefill of `method` on `n` devices: its record (or a skipped one)."""
+    artefact = None
+    class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
+    astra_config = AstraConfig(
+        quant_point=config.quant_point or ("kv" if family == "llama" else "hidden"),
+        num_groups=config.groups,
+        codebook_size=config.codebook_size,
+        class_tokens=class_tokens,
+    )
+    if method == "astra":
+        if config.artefact:
+            artefact = Path(config.artefact)
+        elif tokens not in artefacts:
+            artefacts[tokens] = timing_artefact(
+                model_dir, astra_config, inputs, tmp / f"timing-{tokens}.pt"
+            )
+        artefact = artefact or artefacts[tokens]
+    world = 1 if method == "single" else n
+    job = Job(
+        method=method,
+        model_dir=str(model_dir),
+        artefact=str(artefact) if artefact else None,
+        inputs=inputs,
+        placement=PlacementConfig(world, kind=config.placement),
+        class_tokens=class_tokens,
+        new_tokens=1,
+        link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
+        timeout_s=config.timeout_s,
+        overlap=config.overlap,
+        exchange=config.exchange,
+        use_tables=config.use_tables,
+        decoder=decoder,
+        decode=False,  # the bench times the prefill (time to the first token's logits)
+        warmup=config.mode == "processes",  # fresh processes: warm the math libraries
+        pp_chunks=config.pp_chunks,
+        bp_syncs=config.bp_syncs,
+        model=base if config.mode == "composed" else None,
+    )
+    t0 = time.perf_counter()
+    try:
+        results = run_ranks(job, world, config.mode)
+    except (ValueError, RuntimeError) as exc:  # e.g. more pipeline stages than layers
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+        log(f"skipped {method} x{world}: {cause}")
+        return {
+            "method": method,
+            "devices": world,
+            "tokens": tokens,
+            "bandwidth_mbps": bw,
+            "skipped": str(cause),
+        }
+    record = _record(
+        config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
+    )
+    record["wall_s"] = round(time.perf_counter() - t0, 2)
+    return record
 
 
 def _record(

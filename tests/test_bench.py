@@ -76,3 +76,30 @@ def test_composed_mode_matches_real_processes_at_two_devices(tiny_llama_dir):
         c = composed[key]
         assert c["bytes_per_device"] == r["bytes_per_device"], key
         assert abs(c["total_ms"] - r["total_ms"]) <= 0.35 * r["total_ms"] + 60, (key, c, r)
+
+
+def test_bench_repeats_keep_the_median_pass_and_side_by_side_ratios(tiny_llama_dir):
+    config = BenchConfig(
+        model=str(tiny_llama_dir),
+        devices=(2,),
+        bandwidths_mbps=(10.0,),
+        latency_ms=1.0,
+        tokens=(32,),
+        methods=("single", "astra"),
+        repeats=3,
+    )
+    rows = _by_method(run_bench(config, progress=False))
+    for row in rows.values():
+        assert len(row["repeats_ms"]) == 3
+        assert row["total_ms"] == sorted(row["repeats_ms"])[1]  # the median pass is kept
+    single, astra = rows[("single", 1)], rows[("astra", 2)]
+    assert astra["speedup_vs_single"] == round(single["total_ms"] / astra["total_ms"], 4)
+    expected = [round(s / a, 4) for s, a in zip(single["repeats_ms"], astra["repeats_ms"])]
+    assert astra["speedup_per_repeat"] == expected
+
+
+def test_bench_rejects_zero_repeats():
+    import pytest
+
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        BenchConfig(repeats=0)

@@ -24,6 +24,7 @@ examples:
   astra bench                                  # SmolLM2, 2 and 4 devices, 10/100/1000 Mbit/s
   astra bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit,100mbit
   astra bench --mode processes --devices 2     # real processes (one core per device)
+  astra bench --devices 2 --bandwidths 10mbit --methods single,astra --repeats 5
 
 modes: `composed` runs every device's compute for real, one device at a time on one core
 (timed as CPU time), and composes the critical path with the link model: deterministic and
@@ -126,6 +127,13 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     add_exchange_arg(p)
     p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="run every entry this many times, interleaved (all methods, then all again); "
+        "records keep the median pass and each repeat's side-by-side speed-up (default 1)",
+    )
+    p.add_argument(
         "--out",
         default="benchmarks/results/bench",
         metavar="DIR",
@@ -156,6 +164,7 @@ def run(args) -> int:
             overlap=not args.no_overlap,
             exchange=args.exchange,
             use_tables=args.tables,
+            repeats=args.repeats,
         )
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
