@@ -29,7 +29,6 @@ from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
 from astra.net.lockstep import run_lockstep, share_weights_copy
 from astra.parallel.artefact import load_astra
-from astra.parallel.codecs import FloatCodec
 from astra.parallel.config import AstraConfig
 from astra.parallel.engine import (
     build_rank_layout,
@@ -280,9 +279,7 @@ def fit_balanced_placement(
     rank times its stages, all gather them, all fit the same numbers). Encoders get equal
     chunks (every token sees every key). Measured rather than counted: on this CPU one
     query-key pair of SmolLM2 costs about 3x what its FLOPs say, and the nearest-code search
-    about a third of a token's linear layers, which a FLOP count of attention alone misses.
-    Streamed prefills also charge each device boundary one link latency plus one block's
-    payload (CausalCost.lag), so later devices get less work to make up for starting later."""
+    about a third of a token's linear layers, which a FLOP count of attention alone misses."""
     if placement.kind != "balanced" or placement.cost is not None:
         return placement
     if not getattr(model, "causal", False) or placement.num_devices == 1:
@@ -317,16 +314,7 @@ def fit_balanced_placement(
     }
     row = torch.tensor([[float(mine[f]) for f in COST_FIELDS]], dtype=torch.float64)
     records = [dict(zip(COST_FIELDS, r[0].tolist())) for r in comm.all_gather_tensor(row)]
-    lag_ms = 0.0
-    if exchange == "stream":  # each device boundary: one latency and one block's payload
-        codec, chunk = codecs[0], x_full.shape[1] // placement.num_devices
-        num_bytes = (
-            codec.payload_bytes(chunk, x_full.shape[-1])
-            if isinstance(codec, FloatCodec)
-            else codec.payload_bytes(chunk)
-        )
-        lag_ms = job.link.transfer_time_s(num_bytes, 1) * 1e3
-    cost = fit_causal_cost(records, last_encodes=exchange == "all-gather", lag_ms=lag_ms)
+    cost = fit_causal_cost(records, last_encodes=exchange == "all-gather")
     return replace(placement, cost=cost)
 
 
