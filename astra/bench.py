@@ -35,7 +35,7 @@ from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
-from astra.runner import Job, RunConfig, build_inputs, embed_inputs, run_ranks
+from astra.runner import Job, RunConfig, build_inputs, check_dtype, embed_inputs, run_ranks
 
 BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
 
@@ -63,6 +63,7 @@ class BenchConfig:
     # every (method, devices, bandwidth, tokens) run this many times, interleaved (all methods
     # once, then all again): a record keeps the median pass, its speed-up is median over median
     repeats: int = 1
+    dtype: str = "float32"  # compute precision of every method (astra.runner.DTYPES)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in BENCH_METHODS]
@@ -83,6 +84,7 @@ class BenchConfig:
             raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        check_dtype(self.dtype)
 
 
 def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:
@@ -215,6 +217,7 @@ def _run_one(
         warmup=config.mode == "processes",  # fresh processes: warm the math libraries
         pp_chunks=config.pp_chunks,
         bp_syncs=config.bp_syncs,
+        dtype=config.dtype,
         model=base if config.mode == "composed" else None,
     )
     t0 = time.perf_counter()
@@ -268,6 +271,7 @@ def _record(
         "breakdown_ms": {
             k: round(v, 2) for k, v in results[slowest].get("breakdown_ms", {}).items()
         },
+        "dtype": config.dtype,
         "tables": config.use_tables if method == "astra" else None,
         "placement": config.placement,
         "tokens_per_device": [r.get("tokens") for r in results],

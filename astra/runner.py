@@ -50,6 +50,9 @@ from astra.parallel.runtime import (
 from astra.parallel.simulate import effective_class_tokens
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
+# the precision every device computes in (weights and activations); codebooks stay float32.
+# bfloat16 is what CPUs with AMX / AVX-512 BF16 and GPUs run fastest (about 3x fp32 here)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
 MODES = ("auto", "processes", "composed")
 
@@ -78,6 +81,7 @@ class RunConfig:
     timeout_s: float = 600.0  # every collective, and the whole run
     loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
+    dtype: str = "float32"  # compute precision of every method, one of DTYPES
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -98,6 +102,7 @@ class RunConfig:
             raise ValueError(f"remote_cache {self.remote_cache!r} is not one of {REMOTE_CACHES}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        check_dtype(self.dtype)
 
     @property
     def link(self) -> LinkConfig:
@@ -107,6 +112,12 @@ class RunConfig:
         if self.mode != "auto":
             return self.mode
         return "processes" if self.devices <= (os.cpu_count() or 1) else "composed"
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
 
 
 @dataclass
@@ -132,6 +143,7 @@ class Job:
     warmup: bool = True  # one untimed pass first (allocators, math library start-up)
     pp_chunks: int = 4  # pipeline parallelism: sequence chunks (decoders; encoders use 1)
     bp_syncs: int = 1  # block parallelism: synchronisations Nb
+    dtype: str = "float32"  # compute precision (DTYPES); codebooks stay float32
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -164,6 +176,7 @@ def job_for(
         use_tables=config.use_tables,
         decoder=decoder,
         loss_rate=config.loss_rate,
+        dtype=config.dtype,
     )
 
 
@@ -181,8 +194,8 @@ def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
 
 def embed_inputs(model, inputs: dict) -> torch.Tensor:
     """The built-in inputs ({'pixels'} or {'input_ids'}) embedded by the model: (1, T, D)."""
-    if "pixels" in inputs:
-        return model.embed(inputs["pixels"])
+    if "pixels" in inputs:  # pixels in the model's precision (the patch convolution's)
+        return model.embed(inputs["pixels"].to(next(model.parameters()).dtype))
     ids = inputs["input_ids"]
     if type(model).__name__ == "Bert":
         return model.embed(ids)
@@ -196,6 +209,9 @@ def _load(job: Job):
         astra = load_astra(job.artefact, model, job.model_dir)
         quantizers = astra.quantizers
         model = astra.model
+    # in place: composed-mode ranks share one set of weights, converted once (codebooks are
+    # not parameters of the model and stay float32)
+    model.to(check_dtype(job.dtype))
     return model, quantizers
 
 
@@ -345,7 +361,8 @@ def _baseline(rank: int, world_size: int, comm, model, x_full: torch.Tensor, job
         run = lambda: bp_forward(rank, world_size, comm, model, x_full, job.bp_syncs).hidden  # noqa: E731
     else:
         chunks = job.pp_chunks if causal else 1
-        run = lambda: pp_rank_forward(rank, world_size, comm, model, x_full, chunks)  # noqa: E731
+        wire = check_dtype(job.dtype)  # hidden states cross in the compute precision
+        run = lambda: pp_rank_forward(rank, world_size, comm, model, x_full, chunks, wire)  # noqa: E731
     if job.warmup:
         run()
         if hasattr(comm, "wait_sends"):
@@ -496,6 +513,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
     record = {
         "method": job.method,
         "devices": world_size if job.method != "single" else 1,
+        "dtype": job.dtype,
         "mode": mode if job.method != "single" else "processes",
         "ttft_ms": ttft,
         "tpot_ms": next((r["tpot_ms"] for r in results if "tpot_ms" in r), None),

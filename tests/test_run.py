@@ -132,3 +132,24 @@ def test_streaming_an_encoder_is_refused_before_any_worker_starts(tmp_path):
     config = RunConfig(exchange="stream")
     with pytest.raises(ValueError, match="exchange 'stream' is for causal models"):
         job_for(config, "astra", 2, tmp_path, None, {}, "distributed", decoder=False)
+
+
+def test_every_method_runs_in_bfloat16(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=4,
+                       methods=("single", "astra", "sp-fp16"), mode="composed", dtype="bfloat16")
+    rows = {r["method"]: r for r in run_inference(config, progress=False,
+                                                   log=lambda m: None)["records"]}
+    assert summary_dtype(rows) == {"bfloat16"}
+    assert len(rows["astra"]["generated_ids"]) == 4 and rows["astra"]["ttft_ms"] > 0
+    # sp-fp16 sends 16-bit attention inputs of the 32 tokens: 2 blocks x 32 x 64 x 2 bytes
+    assert max(rows["sp-fp16"]["bytes_sent_per_device"]) == 2 * 32 * 64 * 2
+
+
+def summary_dtype(rows) -> set:
+    return {r["dtype"] for r in rows.values()}
+
+
+def test_unknown_dtype_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of \('float32', 'bfloat16'\)"):
+        RunConfig(dtype="fp8")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
 from astra.cli.common import (
+    add_dtype_arg,
     add_exchange_arg,
     bandwidth_arg,
     fail,
@@ -126,6 +127,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         help="ASTRA/SP wait for remote data before any attention",
     )
     add_exchange_arg(p)
+    add_dtype_arg(p)
     p.add_argument(
         "--repeats",
         type=positive_int,
@@ -165,6 +167,7 @@ def run(args) -> int:
             exchange=args.exchange,
             use_tables=args.tables,
             repeats=args.repeats,
+            dtype=args.dtype,
         )
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:

@@ -78,6 +78,17 @@ def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision every device computes in, for every method (default float32, the "
+        "paper's; bfloat16 runs about 3x faster on CPUs with AMX or AVX-512 BF16 and on GPUs). "
+        "Codebooks and the nearest-code search stay float32",
+    )
+
+
 def write_json(path: str | Path | None, obj) -> None:
     if path is None:
         return

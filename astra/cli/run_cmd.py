@@ -7,6 +7,7 @@ import json
 import logging
 
 from astra.cli.common import (
+    add_dtype_arg,
     add_exchange_arg,
     add_link_args,
     fail,
@@ -25,6 +26,7 @@ examples:
   astra run --model dinov2-s --tokens 1025    # a ViT: 448 px photo, 1024 patches + CLS
   astra run --methods single,astra,sp-fp32,sp-fp16 --json run.json
   astra run --artefact ~/.cache/astra/artefacts/my-finetuned.pt
+  astra run --devices 4 --dtype bfloat16      # every method in bf16 (AMX / AVX-512 BF16 CPUs)
 
 Every method runs on the same input and the same emulated link in this one command, so the
 speed-ups it prints are measured side by side.
@@ -156,6 +158,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         default=600.0,
         help="seconds before a stuck collective or run fails (default 600)",
     )
+    add_dtype_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(runner=run)
     return p
@@ -187,6 +190,7 @@ def run(args) -> int:
             timeout_s=args.timeout,
             prompt=args.prompt,
             loss_rate=args.loss,
+            dtype=args.dtype,
         )
         if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
             summary = run_torchrun(config)

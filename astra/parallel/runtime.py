@@ -30,6 +30,7 @@ full-precision sequence parallelism (Voltage).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +206,7 @@ class RankAttention(nn.Module):
             pos.append(p)
         if not ks:
             attn = self.inner
-            empty = torch.zeros(1, attn.num_kv_heads, 0, attn.head_dim)
+            empty = attn.q_proj.weight.new_zeros(1, attn.num_kv_heads, 0, attn.head_dim)
             return empty, empty.clone(), self.layout.local_positions.new_zeros(0)
         return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(pos)
 
@@ -383,11 +384,14 @@ def attend_positions(
             out, lse = part if out is None else _merge_with_lse(out, lse, *part)
         if out is None:  # no visible key at all
             b, h, n, hd = qq.shape
-            out, lse = qq.new_zeros(b, h, n, hd), qq.new_full((b, h, n), float("-inf"))
+            out, lse = (
+                qq.new_zeros(b, h, n, hd),
+                qq.new_full((b, h, n), -math.inf, dtype=torch.float32),
+            )
         pieces.append(out)
         pieces_lse.append(lse)
     if not pieces:
-        return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"))
+        return q.new_zeros(q.shape), q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
     if len(pieces) == 1:
         return pieces[0], pieces_lse[0]
     return torch.cat(pieces, dim=2), torch.cat(pieces_lse, dim=2)
@@ -432,11 +436,11 @@ def _attend_lse(
     """
     b, h, tq, hd = q.shape
     if k.shape[2] == 0:
-        return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), float("-inf"))
+        return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), -math.inf, dtype=torch.float32)
     if k.shape[1] != h:  # grouped-query attention: share each kv head across h/Hkv query heads
         k = k.repeat_interleave(h // k.shape[1], dim=1)
         v = v.repeat_interleave(h // v.shape[1], dim=1)
-    if q.device.type == "cpu" and q.dtype == torch.float32:
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
@@ -471,9 +475,9 @@ def _merge_with_lse(
     """merge_partials plus the union's log-sum-exp (B,H,T), for merging more pieces later."""
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - safe)[..., None]
+    w_a = torch.exp(lse_a - safe)[..., None]  # lse is float32 whatever the model's dtype
     w_b = torch.exp(lse_b - safe)[..., None]
-    return torch.addcmul(w_a * out_a, w_b, out_b), lse
+    return torch.addcmul(w_a * out_a, w_b, out_b).to(out_a.dtype), lse
 
 
 def plain_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
