@@ -103,9 +103,11 @@ def _lockstep(fn, model, world_size, *args):
     return [r[0] for r in results], [r[1] for r in results], clocks
 
 
-def tp_bytes_sent(num_tokens: int, dim: int, num_layers: int, world_size: int) -> int:
-    # 2 ring all-reduces of the (T, D) fp32 hidden per block; 2(N-1)/N of it leaves each uplink
-    per_reduce = round(num_tokens * dim * 4 * 2 * (world_size - 1) / world_size)
+def tp_bytes_sent(
+    num_tokens: int, dim: int, num_layers: int, world_size: int, element_size: int = 4
+) -> int:
+    # 2 ring all-reduces of the (T, D) hidden per block; 2(N-1)/N of it leaves each uplink
+    per_reduce = round(num_tokens * dim * element_size * 2 * (world_size - 1) / world_size)
     return 2 * num_layers * per_reduce
 
 
@@ -125,6 +127,20 @@ def test_tensor_parallel_equals_single_device(name):
         assert st["bytes_sent"] == tp_bytes_sent(T, D, NUM_LAYERS, 2)
         assert st["phases"]["tp.attn"]["num_messages"] == NUM_LAYERS
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # bit-identical on every rank
+
+
+@pytest.mark.parametrize(("name", "world_size"), [("llama", 2), ("llama", 3), ("vit", 2)])
+def test_tensor_parallel_in_bfloat16_equals_single_device_and_halves_the_bytes(name, world_size):
+    # 3 devices cut a GQA group: the kv projections are gathered rows (new weights, bf16 too)
+    model, x, _ = model_and_input(name)
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    outs, stats, _ = _lockstep(tp_rank_forward, model, world_size, x)
+    T, D = x.shape[1:]
+    hidden = reference_hidden(model, x)
+    for out, st in zip(outs, stats, strict=True):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), hidden.float(), rtol=0, atol=5e-2)
+        assert st["bytes_sent"] == tp_bytes_sent(T, D, NUM_LAYERS, world_size, element_size=2)
 
 
 def test_tensor_parallel_shards_gqa_heads_and_keeps_the_shared_weights():

@@ -212,6 +212,7 @@ def print_summary(summary: dict) -> None:
     print(f"model   {summary['model']}  ({summary['model_dir']})")
     print(f"input   {summary['input']}")
     print(f"link    {bw:g} Mbit/s per device, {cfg['latency_ms']:g} ms one-way")
+    print(f"dtype   {cfg.get('dtype', 'float32')} compute on every device")
     if summary.get("artefact"):
         print(f"codes   {summary['artefact']}")
     if "prompt_tail" in summary:

@@ -93,6 +93,7 @@ def _column_slice(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
 def _row_gather(linear: nn.Linear, rows: Tensor) -> nn.Linear:
     """A new Linear with the given output rows of `linear` (rows may repeat)."""
     out = nn.Linear(linear.in_features, rows.numel(), bias=linear.bias is not None)
+    out = out.to(device=linear.weight.device, dtype=linear.weight.dtype).requires_grad_(False)
     with torch.no_grad():
         out.weight.copy_(linear.weight[rows])
         if linear.bias is not None:
