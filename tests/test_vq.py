@@ -123,6 +123,32 @@ def test_encode_is_true_nearest(num_groups):
         assert (codes[:, g] == d.argmin(1)).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("num_groups", [1, 4])
+def test_bfloat16_encode_is_nearly_nearest_and_decodes_symmetrically(num_groups, monkeypatch):
+    import astra.vq.codebook as codebook
+
+    torch.manual_seed(3)
+    dim, size = 64, 256
+    cb = GroupedCodebook(dim, num_groups, size).eval()
+    x = torch.randn(2000, dim).bfloat16()
+    codes = cb.encode(x)
+    exact = cb.encode(x.float())  # the same inputs, float32 search
+    dg = dim // num_groups
+    for g in range(num_groups):
+        d = torch.cdist(x[:, g * dg : (g + 1) * dg].double(), cb.embed[g].double()) ** 2
+        chosen = d.gather(1, codes[:, g : g + 1]).squeeze(1)
+        best = d.min(1).values
+        # bf16 dot products: a code may lose to one within a few bf16 ulps of |x||e|, no more
+        assert torch.all(chosen - best <= 2e-2 * (1 + best))
+        assert (chosen - best).sum() <= 2e-3 * best.sum()  # total error: +0.2 % at most
+    assert (codes == exact).float().mean() > 0.9
+    # what is sent is what is decoded, whatever the search precision
+    x_q, fwd_codes, _ = cb(x)
+    assert torch.equal(fwd_codes, codes) and torch.equal(x_q, cb.decode(codes, torch.bfloat16))
+    monkeypatch.setattr(codebook, "_DIST_CHUNK_ELEMENTS", num_groups * size * 7)  # chunks of 7
+    assert torch.equal(cb.encode(x), codes)
+
+
 def test_encode_chunked_matches_unchunked(monkeypatch):
     import astra.vq.codebook as codebook
 
