@@ -35,7 +35,15 @@ from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
-from astra.runner import Job, RunConfig, build_inputs, check_dtype, embed_inputs, run_ranks
+from astra.runner import (
+    Job,
+    RunConfig,
+    build_inputs,
+    check_dtype,
+    embed_inputs,
+    run_ranks,
+    search_dtype,
+)
 
 BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
 
@@ -64,6 +72,7 @@ class BenchConfig:
     # once, then all again): a record keeps the median pass, its speed-up is median over median
     repeats: int = 1
     dtype: str = "float32"  # compute precision of every method (astra.runner.DTYPES)
+    search: str = "auto"  # ASTRA senders' nearest-code search (astra.runner.SEARCHES)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in BENCH_METHODS]
@@ -85,6 +94,7 @@ class BenchConfig:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         check_dtype(self.dtype)
+        search_dtype(self.search)
 
 
 def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:
@@ -218,6 +228,7 @@ def _run_one(
         pp_chunks=config.pp_chunks,
         bp_syncs=config.bp_syncs,
         dtype=config.dtype,
+        search=config.search,
         model=base if config.mode == "composed" else None,
     )
     t0 = time.perf_counter()
@@ -272,6 +283,7 @@ def _record(
             k: round(v, 2) for k, v in results[slowest].get("breakdown_ms", {}).items()
         },
         "dtype": config.dtype,
+        "search": config.search if method == "astra" else None,
         "tables": config.use_tables if method == "astra" else None,
         "placement": config.placement,
         "tokens_per_device": [r.get("tokens") for r in results],

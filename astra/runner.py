@@ -53,6 +53,10 @@ METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
 # the precision every device computes in (weights and activations); codebooks stay float32.
 # bfloat16 is what CPUs with AMX / AVX-512 BF16 and GPUs run fastest (about 3x fp32 here)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the senders' nearest-code search: "auto" = the compute dtype's (bf16 dot products for a bf16
+# model), or forced; bf16 search costs 0.17 % more quantization error on SmolLM2, see
+# astra.vq.codebook.GroupedCodebook.encode and benchmarks/latency.md
+SEARCHES = ("auto", "float32", "bfloat16")
 BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
 MODES = ("auto", "processes", "composed")
 
@@ -82,6 +86,7 @@ class RunConfig:
     loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
     dtype: str = "float32"  # compute precision of every method, one of DTYPES
+    search: str = "auto"  # ASTRA senders' nearest-code search precision, one of SEARCHES
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -103,6 +108,7 @@ class RunConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
         check_dtype(self.dtype)
+        search_dtype(self.search)
 
     @property
     def link(self) -> LinkConfig:
@@ -118,6 +124,13 @@ def check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
     return DTYPES[dtype]
+
+
+def search_dtype(search: str) -> torch.dtype | None:
+    """The codec's search dtype for a SEARCHES name (None: follow the compute dtype)."""
+    if search not in SEARCHES:
+        raise ValueError(f"search {search!r} is not one of {SEARCHES}")
+    return None if search == "auto" else DTYPES[search]
 
 
 @dataclass
@@ -144,6 +157,7 @@ class Job:
     pp_chunks: int = 4  # pipeline parallelism: sequence chunks (decoders; encoders use 1)
     bp_syncs: int = 1  # block parallelism: synchronisations Nb
     dtype: str = "float32"  # compute precision (DTYPES); codebooks stay float32
+    search: str = "auto"  # ASTRA senders' nearest-code search (SEARCHES)
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -177,6 +191,7 @@ def job_for(
         decoder=decoder,
         loss_rate=config.loss_rate,
         dtype=config.dtype,
+        search=config.search,
     )
 
 
@@ -228,7 +243,7 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     class_tokens = effective_class_tokens(model, job.class_tokens)
     # warm-up and set-up traffic on an ideal link (the timed pass uses comm)
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
-    codecs = make_codecs(job.method, quantizers, job.use_tables)
+    codecs = make_codecs(job.method, quantizers, job.use_tables, search_dtype(job.search))
     placement = fit_balanced_placement(
         job.placement, model, x_full, codecs, rank, warm or comm, job
     )
@@ -514,6 +529,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         "method": job.method,
         "devices": world_size if job.method != "single" else 1,
         "dtype": job.dtype,
+        "search": job.search if job.method == "astra" else None,
         "mode": mode if job.method != "single" else "processes",
         "ttft_ms": ttft,
         "tpot_ms": next((r["tpot_ms"] for r in results if "tpot_ms" in r), None),

@@ -153,3 +153,14 @@ def summary_dtype(rows) -> set:
 def test_unknown_dtype_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of \('float32', 'bfloat16'\)"):
         RunConfig(dtype="fp8")
+    with pytest.raises(ValueError, match=r"search 'fast' is not one of \('auto', 'float32'"):
+        RunConfig(search="fast")
+
+
+def test_bf16_code_search_in_a_float32_run(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=3,
+                       methods=("astra",), mode="composed", search="bfloat16")
+    row = run_inference(config, progress=False, log=lambda m: None)["records"][0]
+    assert row["search"] == "bfloat16" and row["dtype"] == "float32"
+    assert len(row["generated_ids"]) == 3

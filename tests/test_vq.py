@@ -147,6 +147,11 @@ def test_bfloat16_encode_is_nearly_nearest_and_decodes_symmetrically(num_groups,
     assert torch.equal(fwd_codes, codes) and torch.equal(x_q, cb.decode(codes, torch.bfloat16))
     monkeypatch.setattr(codebook, "_DIST_CHUNK_ELEMENTS", num_groups * size * 7)  # chunks of 7
     assert torch.equal(cb.encode(x), codes)
+    # a float32 model can ask for the bf16 search (and a bf16 one for the exact search)
+    assert torch.equal(cb.encode(x.float(), torch.bfloat16), codes)
+    assert torch.equal(cb.encode(x, torch.float32), exact)
+    with pytest.raises(ValueError, match="search_dtype must be None, float32 or bfloat16"):
+        cb.encode(x, torch.float16)
 
 
 def test_encode_chunked_matches_unchunked(monkeypatch):

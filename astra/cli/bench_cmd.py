@@ -11,6 +11,7 @@ from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
 from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
+    add_search_arg,
     bandwidth_arg,
     fail,
     int_list,
@@ -128,6 +129,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     add_exchange_arg(p)
     add_dtype_arg(p)
+    add_search_arg(p)
     p.add_argument(
         "--repeats",
         type=positive_int,
@@ -168,6 +170,7 @@ def run(args) -> int:
             use_tables=args.tables,
             repeats=args.repeats,
             dtype=args.dtype,
+            search=args.search,
         )
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:

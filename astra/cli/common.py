@@ -89,6 +89,17 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_search_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--search",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="ASTRA senders' nearest-code search: auto (default: the --dtype's), float32 "
+        "(exact), bfloat16 (dot products in bf16, comparison in fp32: about 2x faster on "
+        "AMX / AVX-512 BF16 CPUs, 0.17%% more quantization error on SmolLM2)",
+    )
+
+
 def write_json(path: str | Path | None, obj) -> None:
     if path is None:
         return

@@ -10,6 +10,7 @@ from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
+    add_search_arg,
     fail,
     positive_int,
     user_errors,
@@ -159,6 +160,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="seconds before a stuck collective or run fails (default 600)",
     )
     add_dtype_arg(p)
+    add_search_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(runner=run)
     return p
@@ -191,6 +193,7 @@ def run(args) -> int:
             prompt=args.prompt,
             loss_rate=args.loss,
             dtype=args.dtype,
+            search=args.search,
         )
         if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
             summary = run_torchrun(config)

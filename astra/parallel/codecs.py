@@ -22,8 +22,14 @@ class CodesCodec:
     tables (G, K, Dkv) instead of decode-then-project: a lookup and a sum over groups instead of
     a (D x 2 Dkv) matmul per remote token. Only worth it, and only built, when G*K*Dkv is small."""
 
-    def __init__(self, quantizer: BlockQuantizer, use_tables: bool = False):
+    def __init__(
+        self,
+        quantizer: BlockQuantizer,
+        use_tables: bool = False,
+        search_dtype: torch.dtype | None = None,
+    ):
         self.quantizer = quantizer
+        self.search_dtype = search_dtype  # the sender's nearest-code search (None: x's dtype)
         self.bits = quantizer.codebooks[0].config.bits_per_code
         self.groups = quantizer.num_groups_on_wire
         self.tables: tuple[Tensor, Tensor] | None = None
@@ -31,7 +37,7 @@ class CodesCodec:
         self.needs_kv = quantizer.point == "kv"  # encode from the projected k, v
 
     def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
-        codes = self.quantizer.encode(attn, x, kv)  # (1, n, G_wire)
+        codes = self.quantizer.encode(attn, x, kv, self.search_dtype)  # (1, n, G_wire)
         return pack_codes(codes[0], self.bits)
 
     def payload_bytes(self, num_tokens: int) -> int:

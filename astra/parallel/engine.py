@@ -116,12 +116,15 @@ def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayo
     return x
 
 
-def make_codecs(method: str, quantizers, use_tables: bool = False) -> list:
-    """One codec per block: ASTRA codes, or full-precision hidden states for Voltage-style SP."""
+def make_codecs(
+    method: str, quantizers, use_tables: bool = False, search_dtype: torch.dtype | None = None
+) -> list:
+    """One codec per block: ASTRA codes, or full-precision hidden states for Voltage-style SP.
+    `search_dtype`: the senders' nearest-code search precision (GroupedCodebook.encode)."""
     if method not in SP_METHODS:
         raise ValueError(f"sequence-parallel method {method!r} is not one of {list(SP_METHODS)}")
     if method == "astra":
-        return [CodesCodec(q, use_tables=use_tables) for q in quantizers]
+        return [CodesCodec(q, use_tables, search_dtype) for q in quantizers]
     return [FloatCodec(SP_METHODS[method]) for _ in quantizers]
 
 

@@ -54,16 +54,23 @@ class BlockQuantizer(nn.Module):
         return [_merge_heads(k), _merge_heads(v)]
 
     # -- sender side --------------------------------------------------------------------------
-    def encode(self, attn: Attention, x: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def encode(
+        self,
+        attn: Attention,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        search_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """Attention input x (B, T, D) -> codes (B, T, G_wire): what crosses the wire.
 
         For the "kv" point, pass the already projected (k, v) (B, Hkv, T, hd), before RoPE, to
-        avoid projecting twice."""
+        avoid projecting twice. `search_dtype`: see GroupedCodebook.encode."""
         if self.point == "kv" and kv is not None:
             parts = [_merge_heads(kv[0]), _merge_heads(kv[1])]
         else:
             parts = self.inputs(attn, x)
-        return torch.cat([cb.encode(p) for cb, p in zip(self.codebooks, parts)], dim=-1)
+        codes = [cb.encode(p, search_dtype) for cb, p in zip(self.codebooks, parts)]
+        return torch.cat(codes, dim=-1)
 
     # -- receiver side ------------------------------------------------------------------------
     def decode_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:

@@ -213,17 +213,22 @@ class GroupedCodebook(nn.Module):
         # (..., D) -> (M, G, Dg) -> (G, M, Dg)
         return x.detach().float().reshape(-1, g, dg).transpose(0, 1)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, search_dtype: torch.dtype | None = None) -> Tensor:
         """x (..., D) -> codes (..., G) int64 in [0, K): nearest code per group (squared L2).
 
-        Float32 distances, except for bfloat16 inputs (a model running in bf16): their dot
-        products with the codes run in bf16, where AMX and tensor cores are several times
-        faster, and only the comparison in float32 (`_nearest_bf16`). On SmolLM2's keys and
-        values that changes 5.6 % of the codes to an almost equally near one and raises the
-        quantization error by 0.17 %; the sender's choice never reaches the receiver, which
-        decodes whatever codes arrive.
+        `search_dtype` None: float32 distances, except for bfloat16 inputs (a model running in
+        bf16). With bfloat16 the dot products with the codes run in bf16, where AMX and tensor
+        cores are several times faster, and only the comparison in float32 (`_nearest_bf16`).
+        On SmolLM2's keys and values that changes 5.6 % of the codes to an almost equally near
+        one and raises the quantization error by 0.17 %; the sender's choice never reaches the
+        receiver, which decodes whatever codes arrive.
         """
-        if x.dtype == torch.bfloat16:
+        if search_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"search_dtype must be None, float32 or bfloat16, got {search_dtype}")
+        if search_dtype is None:
+            search_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        if search_dtype == torch.bfloat16:
+            x = x.to(torch.bfloat16)
             g, dg = self.config.num_groups, self.config.group_dim
             groups = x.detach().reshape(-1, g, dg).transpose(0, 1)  # (..., D) -> (G, M, Dg)
             codes = _nearest_bf16(groups, self.embed.float())
