@@ -136,6 +136,12 @@ class RankAttention(nn.Module):
         lap("local_attention")
         # 3. remote, rebuilt from what arrived
         senders = lay.senders
+        if self.overlap and handle is None and not senders and self.capture is None:
+            # the first device of a streamed prefill: nothing arrives, local attention is all
+            b, h, n, hd = out_local.shape
+            y = attn.o_proj(out_local.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
+            lap("remote_attention")
+            return y
         payloads = self._finish_exchange(handle, senders)
         lap("wait")
         k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
