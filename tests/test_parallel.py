@@ -174,6 +174,22 @@ def test_naq_noise_only_in_training():
     assert (c - a).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_attention_stacks_heads_exactly(dtype):
+    # unmasked GQA reads each kv head once (query heads stacked as rows): same numbers as
+    # repeating the kv heads, and the log-sum-exp of every query head
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 7, 8, dtype=dtype)[:, :, 1:]  # a non-contiguous slice of queries
+    k, v = torch.randn(1, 2, 9, 8, dtype=dtype), torch.randn(1, 2, 9, 8, dtype=dtype)
+    out, lse = _attend_lse(q, k, v, None)
+    kr, vr = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    ref = plain_attention(q, kr, vr, None)
+    ref_lse = torch.logsumexp((q.float() @ kr.float().transpose(-1, -2)) * 8**-0.5, dim=-1)
+    tol = ATOL_EXACT if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=tol)
+
+
 def test_lse_merge_equals_attention_over_the_union():
     torch.manual_seed(0)
     q = torch.randn(1, 4, 5, 8)

@@ -112,7 +112,10 @@ class RankAttention(nn.Module):
         lay, attn = self.layout, self.inner
         lap = self._lap
         lap(None)
-        send = lay.send_local
+        # the tokens this device shares: all of them (a view, no copy) unless it holds
+        # class-token replicas, which are never sent
+        every = lay.send_local.numel() == lay.local_index.numel()
+        send = slice(None) if every else lay.send_local
         if getattr(self.codec, "needs_kv", False):
             q, k, v = attn.project(x)  # (1,H,T,hd), (1,Hkv,T,hd) x2, before RoPE
             lap("project")
@@ -198,23 +201,27 @@ class RankAttention(nn.Module):
         return ~self.loss.dropped_mask(count, self.block, sender, self.layout.rank)
 
     def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]):
-        """Remote (k, v) (1, Hkv, T_remote, hd) before RoPE and their positions (T_remote,)."""
-        ks, vs, pos = [], [], []
+        """Remote (k, v) (1, Hkv, T_remote, hd) before RoPE and their positions (T_remote,).
+
+        What arrived from every sender is joined first (codes, or SP's hidden states) and
+        rebuilt in one call: one lookup (or one projection) for all remote tokens."""
+        received, pos = [], []
         for j in senders:
-            k, v = self.codec.decode_kv(self.inner, payloads[j], self.layout.send_counts[j])
+            got = self.codec.receive(payloads[j], self.layout.send_counts[j])  # (1, n, .)
             p = self.layout.send_positions[j]
             keep = self.kept(j)
             if keep is not None:  # lost codes: those tokens are simply not attended to
                 self.lost_tokens += int((~keep).sum())
-                k, v, p = k[:, :, keep], v[:, :, keep], p[keep]
-            ks.append(k)
-            vs.append(v)
+                got, p = got[:, keep], p[keep]
+            received.append(got)
             pos.append(p)
-        if not ks:
+        if not received:
             attn = self.inner
             empty = attn.q_proj.weight.new_zeros(1, attn.num_kv_heads, 0, attn.head_dim)
             return empty, empty.clone(), self.layout.local_positions.new_zeros(0)
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(pos)
+        joined = received[0] if len(received) == 1 else torch.cat(received, dim=1)
+        k, v = self.codec.rebuild_kv(self.inner, joined)
+        return k, v, pos[0] if len(pos) == 1 else torch.cat(pos)
 
 
 REMOTE_CACHES = ("codes", "rebuilt")
@@ -443,7 +450,14 @@ def _attend_lse(
     b, h, tq, hd = q.shape
     if k.shape[2] == 0:
         return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), -math.inf, dtype=torch.float32)
-    if k.shape[1] != h:  # grouped-query attention: share each kv head across h/Hkv query heads
+    hkv = k.shape[1]
+    if hkv != h and mask is None and not is_causal and q.device.type == "cpu":
+        # grouped-query attention without a mask: the h/Hkv query heads of one kv head are
+        # stacked as rows of one head (q (B,H,Tq,hd) -> (B,Hkv,G*Tq,hd)), so the kernel reads
+        # each kv head once instead of a repeated copy: bit-identical, ~10 % faster here
+        out, lse = _attend_lse(q.reshape(b, hkv, h // hkv * tq, hd), k, v, None)
+        return out.reshape(b, h, tq, hd), lse.reshape(b, h, tq)
+    if hkv != h:  # grouped-query attention: share each kv head across h/Hkv query heads
         k = k.repeat_interleave(h // k.shape[1], dim=1)
         v = v.repeat_interleave(h // v.shape[1], dim=1)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
