@@ -96,6 +96,8 @@ def test_bench_repeats_keep_the_median_pass_and_side_by_side_ratios(tiny_llama_d
     assert astra["speedup_vs_single"] == round(single["total_ms"] / astra["total_ms"], 4)
     expected = [round(s / a, 4) for s, a in zip(single["repeats_ms"], astra["repeats_ms"])]
     assert astra["speedup_per_repeat"] == expected
+    best = round(min(single["repeats_ms"]) / min(astra["repeats_ms"]), 4)
+    assert astra["speedup_best"] == best
 
 
 def test_bench_rejects_zero_repeats():
