@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces benchmarks/latency.md. Run on an otherwise idle machine: timings are CPU-bound.
+# Reproduces the 2026-11-22 sections of benchmarks/latency.md (the current targets table:
+# benchmarks/targets.sh). Run on an otherwise idle machine: timings are CPU-bound.
 # Every `astra bench` call writes bench.json (records + the exact command), bench.md, bench.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
