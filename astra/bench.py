@@ -172,9 +172,13 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
                 round(single["total_ms"] / r["total_ms"], 4) if single else None
             )
             if single and config.repeats > 1:  # each repeat's ratio, side by side in time
-                r["speedup_per_repeat"] = [
-                    round(s / t, 4) for s, t in zip(single["repeats_ms"], r["repeats_ms"])
-                ]
+                r["speedup_per_repeat"] = (
+                    [  # pairs up repeats only when none was skipped
+                        round(s / t, 4) for s, t in zip(single["repeats_ms"], r["repeats_ms"])
+                    ]
+                    if len(single["repeats_ms"]) == len(r["repeats_ms"])
+                    else None
+                )
                 # noise only ever slows a pass down: the fastest pass of each is the least
                 # disturbed one, and their ratio the conservative figure when singles drift
                 r["speedup_best"] = round(min(single["repeats_ms"]) / min(r["repeats_ms"]), 4)
@@ -182,12 +186,18 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
 
 
 def _median_record(runs: list[dict]) -> dict:
-    """The run with the median total of one plan entry, with every repeat's total."""
-    if any("skipped" in r for r in runs):
+    """The run with the median total of one plan entry, with every timed repeat's total.
+
+    Repeats that were skipped (a failed run) are counted, not timed; the entry is skipped only
+    if every repeat was."""
+    timed = [r for r in runs if "skipped" not in r]
+    if not timed:
         return runs[0]
-    ordered = sorted(runs, key=lambda r: r["total_ms"])
+    ordered = sorted(timed, key=lambda r: r["total_ms"])
     record = dict(ordered[(len(ordered) - 1) // 2])  # lower median: a real pass, not a mean
-    record["repeats_ms"] = [r["total_ms"] for r in runs]
+    record["repeats_ms"] = [r["total_ms"] for r in timed]
+    if len(timed) < len(runs):
+        record["skipped_repeats"] = len(runs) - len(timed)
     return record
 
 
@@ -348,7 +358,7 @@ def markdown_table(records: list[dict], command: str) -> str:
         if r["method"] == "astra":
             name += f" G={r['groups']} K={r['codebook_size']} {r['quant_point']}"
         speed = r["speedup_vs_single"]
-        per_repeat = " / ".join(f"{x:.2f}" for x in r.get("speedup_per_repeat", [])) or "-"
+        per_repeat = " / ".join(f"{x:.2f}" for x in r.get("speedup_per_repeat") or []) or "-"
         best = r.get("speedup_best")
         lines.append(
             f"| {name} | {r['devices']} | {r['tokens']} | {r['bandwidth_mbps']:g} | "

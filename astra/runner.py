@@ -224,10 +224,18 @@ def _load(job: Job):
         astra = load_astra(job.artefact, model, job.model_dir)
         quantizers = astra.quantizers
         model = astra.model
-    # in place: composed-mode ranks share one set of weights, converted once (codebooks are
-    # not parameters of the model and stay float32)
-    model.to(check_dtype(job.dtype))
+    to_compute_dtype_(model, check_dtype(job.dtype))
     return model, quantizers
+
+
+def to_compute_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The model's parameters in `dtype`, in place: composed-mode ranks share one set, which is
+    converted once. Buffers stay as built: RoPE's inv_freq is float32, as HF keeps it (rounded
+    to bf16 it turns position 2048 by up to 2.8 rad too far). Codebooks are not parameters of
+    the model and stay float32."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 @torch.no_grad()

@@ -105,3 +105,14 @@ def test_bench_rejects_zero_repeats():
 
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         BenchConfig(repeats=0)
+
+
+def test_a_skipped_repeat_is_counted_not_timed():
+    from astra.bench import _median_record
+
+    runs = [{"method": "tp", "total_ms": 5.0}, {"method": "tp", "skipped": "peer died"},
+            {"method": "tp", "total_ms": 3.0}]
+    record = _median_record(runs)
+    assert record["total_ms"] == 3.0 and record["repeats_ms"] == [5.0, 3.0]
+    assert record["skipped_repeats"] == 1
+    assert "skipped" in _median_record([runs[1], runs[1]])  # every repeat failed

@@ -190,6 +190,21 @@ def test_grouped_query_attention_stacks_heads_exactly(dtype):
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=tol)
 
 
+def test_attention_without_the_flash_kernel_keeps_lse_in_float32():
+    # the generic path (GPUs, other dtypes): half-precision inputs, float32 scores and lse
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    mask = torch.rand(5, 5) > 0.3
+    mask[:, 0] = True  # every row sees a key
+    out, lse = _attend_lse(q.half(), k.half(), v.half(), mask)
+    ref_out, ref_lse = _attend_lse(q, k, v, mask)  # float32, the CPU flash kernel
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=1e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-2)
+    empty, empty_lse = _attend_lse(q[:, :, :0], k, v, None)  # zero query rows: no kernel call
+    assert empty.shape == (1, 2, 0, 8) and empty_lse.shape == (1, 2, 0)
+
+
 def test_lse_merge_equals_attention_over_the_union():
     torch.manual_seed(0)
     q = torch.randn(1, 4, 5, 8)

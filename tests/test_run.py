@@ -164,3 +164,14 @@ def test_bf16_code_search_in_a_float32_run(tiny_llama_dir, tmp_path, monkeypatch
     row = run_inference(config, progress=False, log=lambda m: None)["records"][0]
     assert row["search"] == "bfloat16" and row["dtype"] == "float32"
     assert len(row["generated_ids"]) == 3
+
+
+def test_bf16_compute_keeps_rope_frequencies_in_float32(tiny_llama_dir):
+    # rounded to bf16, RoPE's inv_freq turns late positions by radians: it must stay fp32
+    job = runner.Job(method="single", model_dir=str(tiny_llama_dir), artefact=None, inputs={},
+                     placement=None, class_tokens="none", new_tokens=1, link=None,
+                     timeout_s=1.0, overlap=True, use_tables=False, decoder=True,
+                     dtype="bfloat16")
+    model, _ = runner._load(job)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.blocks[0].attn.rope.inv_freq.dtype == torch.float32

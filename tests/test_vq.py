@@ -152,6 +152,8 @@ def test_bfloat16_encode_is_nearly_nearest_and_decodes_symmetrically(num_groups,
     assert torch.equal(cb.encode(x, torch.float32), exact)
     with pytest.raises(ValueError, match="search_dtype must be None, float32 or bfloat16"):
         cb.encode(x, torch.float16)
+    with pytest.raises(ValueError, match=r"expected last dim 64, got shape \(3, 128\)"):
+        cb.encode(torch.randn(3, 128).bfloat16())
 
 
 def test_encode_chunked_matches_unchunked(monkeypatch):

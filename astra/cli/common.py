@@ -9,6 +9,7 @@ from pathlib import Path
 
 from astra.net.link import parse_bandwidth, parse_latency
 from astra.parallel.runtime import EXCHANGES
+from astra.runner import DTYPES, SEARCHES
 
 
 def bandwidth_arg(text: str) -> float:
@@ -81,18 +82,18 @@ def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=tuple(DTYPES),
         default="float32",
         help="precision every device computes in, for every method (default float32, the "
         "paper's; bfloat16 runs about 3x faster on CPUs with AMX or AVX-512 BF16 and on GPUs). "
-        "Codebooks and the nearest-code search stay float32",
+        "Codebooks and their EMA stay float32; the code search follows --search",
     )
 
 
 def add_search_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--search",
-        choices=("auto", "float32", "bfloat16"),
+        choices=SEARCHES,
         default="auto",
         help="ASTRA senders' nearest-code search: auto (default: the --dtype's), float32 "
         "(exact), bfloat16 (dot products in bf16, comparison in fp32: about 2x faster on "

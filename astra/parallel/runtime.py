@@ -448,7 +448,7 @@ def _attend_lse(
     Rows with no visible key get lse = -inf and out = 0, so they drop out of the merge.
     """
     b, h, tq, hd = q.shape
-    if k.shape[2] == 0:
+    if k.shape[2] == 0 or tq == 0:  # (the CPU flash kernel dies on zero query rows)
         return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), -math.inf, dtype=torch.float32)
     hkv = k.shape[1]
     if hkv != h and mask is None and not is_causal and q.device.type == "cpu":
@@ -467,14 +467,14 @@ def _attend_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=additive
         )
-    else:
-        scores = (q @ k.transpose(-1, -2)) * hd**-0.5  # (B,H,Tq,Tk)
+    else:  # scores and lse in float32 whatever the model's dtype (the merges read lse)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B,H,Tq,Tk)
         if is_causal:
             mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
-        out = torch.softmax(scores, dim=-1) @ v
+        out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
     if mask is not None:
         # rows with no visible key: the CPU flash kernel reports lse = 0 there, not -inf
         dead = ~mask.any(dim=-1)  # (Tq,)

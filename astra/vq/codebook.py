@@ -7,7 +7,10 @@ index of its nearest code, so a token costs G * ceil(log2 K) bits instead of D *
 Training follows the paper: K-means initialisation from the model's own activations, EMA codebook
 updates (no codebook loss term), the commitment loss of Eq. 2 and a straight-through estimator.
 All distance and EMA maths runs in float32 whatever the input dtype (vector-quantize-pytorch
-disables autocast for the same reason: half-precision ||x||^2 - 2 x e^T cancels badly).
+disables autocast for the same reason: half-precision ||x||^2 - 2 x e^T cancels badly), with one
+exception: bfloat16 inputs (or `encode(x, torch.bfloat16)`) take the dot products x e^T in bf16
+and only the comparison in float32 (`_nearest_bf16`), in inference and training alike, so the
+simulation of a bf16 model picks the codes its runtime sends.
 """
 
 from __future__ import annotations
@@ -223,6 +226,8 @@ class GroupedCodebook(nn.Module):
         one and raises the quantization error by 0.17 %; the sender's choice never reaches the
         receiver, which decodes whatever codes arrive.
         """
+        if x.shape[-1] != self.config.dim:
+            raise ValueError(f"expected last dim {self.config.dim}, got shape {tuple(x.shape)}")
         if search_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"search_dtype must be None, float32 or bfloat16, got {search_dtype}")
         if search_dtype is None:
