@@ -4,7 +4,8 @@ SmolLM2-135M with the training-free G=1, K=1024 kv-point codebooks that `astra r
 simulated devices (the accuracy tables' setting), held-out Austen: perplexity with the exact
 float32 search against the bf16 one, plus how many codes change and by how much the
 quantization error grows. The bf16 run swaps in exactly the search the runtime's senders call
-with `--search bfloat16` (GroupedCodebook.encode(x, torch.bfloat16)).
+with `--search bfloat16` (GroupedCodebook.encode(x, torch.bfloat16)). Last, the whole model in
+bf16 (`--dtype bfloat16`, whose search is the bf16 one): full precision and ASTRA.
 
     .venv/bin/python benchmarks/search_precision.py [--limit 16] [--seq-len 256]
 
@@ -26,7 +27,7 @@ from astra.models import load_model
 from astra.parallel.artefact import load_astra
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.train import evaluate
-from astra.runner import RunConfig, ensure_artefact
+from astra.runner import RunConfig, ensure_artefact, to_compute_dtype_
 from astra.tasks import TaskConfig, make_task
 from astra.vq import GroupedCodebook
 
@@ -69,6 +70,11 @@ def main() -> int:
     GroupedCodebook.encode = exact_encode
     with torch.no_grad():
         fp = evaluate(astra, task, None, limit=args.limit, progress=False)
+        # the whole model in bf16 (`--dtype bfloat16`): its search is the bf16 one by default
+        to_compute_dtype_(astra.model, torch.bfloat16)
+        bf16_fp = evaluate(astra, task, None, limit=args.limit, progress=False)
+        bf16_astra = evaluate(astra, task, placement, limit=args.limit, progress=False)
+    print(f"bf16 compute: full precision {bf16_fp:.3f}, ASTRA {bf16_astra:.3f}")
     result = {
         "command": "python " + " ".join(sys.argv),
         "model": "smollm2-135m",
@@ -78,6 +84,7 @@ def main() -> int:
         "seq_len": args.seq_len,
         "full_precision_perplexity": fp,
         "rows": rows,
+        "bf16_compute": {"full_precision_perplexity": bf16_fp, "astra_perplexity": bf16_astra},
         "codes_changed_fraction": stats["changed"] / max(stats["codes"], 1),
         "quantization_error_ratio": stats["sq_err_bf16"] / max(stats["sq_err_exact"], 1e-30),
     }
