@@ -175,3 +175,17 @@ def test_bf16_compute_keeps_rope_frequencies_in_float32(tiny_llama_dir):
     model, _ = runner._load(job)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.blocks[0].attn.rope.inv_freq.dtype == torch.float32
+
+
+def test_decoding_with_codes_from_several_senders(tiny_llama_dir, tmp_path, monkeypatch):
+    # 3 devices: the decode device keeps two senders' codes (joined once, rebuilt per step)
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    generated = {}
+    for remote_cache in ("codes", "rebuilt"):
+        config = RunConfig(model=str(tiny_llama_dir), devices=3, tokens=48, new_tokens=5,
+                           methods=("astra",), mode="composed", remote_cache=remote_cache)
+        row = run_inference(config, progress=False, log=lambda m: None)["records"][0]
+        generated[remote_cache] = row["generated_ids"]
+        if remote_cache == "codes":  # 32 remote tokens x 2 codes x 10 bits, 2 blocks
+            assert row["kv_cache"]["remote_code_bytes"] == 2 * (32 * 20 // 8)
+    assert generated["codes"] == generated["rebuilt"] and len(generated["codes"]) == 5

@@ -261,6 +261,8 @@ class DecodeAttention(nn.Module):
             self.received.append(got)
             positions.append(p)
         self.remote_positions = _cat_positions(positions, self.k.new_zeros(0, dtype=torch.long))
+        if len(self.received) > 1:  # every sender's codes in one tensor: one rebuild per step
+            self.received = [torch.cat(self.received, dim=1)]  # (1, T_remote, G_wire)
         self.rebuilt_tokens = 0  # remote tokens rebuilt once, at the front of self.k/self.v
         if remote_cache == "rebuilt" and self.received:
             k_hat, v_hat = self._rebuild()
@@ -270,9 +272,8 @@ class DecodeAttention(nn.Module):
 
     def _rebuild(self) -> tuple[Tensor, Tensor]:
         """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes (non-empty)."""
-        ks, vs = zip(*(self.codec.rebuild_kv(self.inner, r) for r in self.received))
-        k_hat = self.inner.rotate(torch.cat(ks, dim=2), self.remote_positions)
-        return k_hat, torch.cat(vs, dim=2)
+        k, v = self.codec.rebuild_kv(self.inner, self.received[0])
+        return self.inner.rotate(k, self.remote_positions), v
 
     def cache_bytes(self) -> dict:
         per_token = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()  # k and v
