@@ -137,6 +137,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
         embed_inputs(
             base, build_inputs(RunConfig(model=config.model, tokens=8, image_size=28), model_dir)[0]
         )
+    setup = _Setup(config, model_dir, family, decoder, base, tmp, artefacts, log)
     # Interleaved repeats: this VM's speed drifts by 20-30 % over minutes (noisy neighbours), so
     # each repeat runs every plan entry once and the methods of one repeat are side by side.
     runs: list[list[dict]] = [[] for _ in plan]
@@ -144,23 +145,7 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     for repeat in range(config.repeats):
         for i, (tokens, inputs, n, bw, method) in enumerate(plan):
             bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens} #{repeat + 1}")
-            runs[i].append(
-                _run_one(
-                    config,
-                    model_dir,
-                    family,
-                    decoder,
-                    base,
-                    tmp,
-                    artefacts,
-                    tokens,
-                    inputs,
-                    n,
-                    bw,
-                    method,
-                    log,
-                )
-            )
+            runs[i].append(_run_one(setup, tokens, inputs, n, bw, method))
             bar.update()
     bar.close()
     records = [_median_record(r) for r in runs]
@@ -201,10 +186,24 @@ def _median_record(runs: list[dict]) -> dict:
     return record
 
 
-def _run_one(
-    config, model_dir, family, decoder, base, tmp, artefacts, tokens, inputs, n, bw, method, log
-) -> dict:
+@dataclass
+class _Setup:
+    """What every run of one bench shares."""
+
+    config: BenchConfig
+    model_dir: Path
+    family: str
+    decoder: bool
+    base: torch.nn.Module  # the composed mode's shared weights
+    tmp: Path  # timing artefacts go here
+    artefacts: dict[int, Path]  # timing artefact per token count, built on first use
+    log: object
+
+
+def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method: str) -> dict:
     """One timed prefill of `method` on `n` devices: its record (or a skipped one)."""
+    config, model_dir, family, decoder = setup.config, setup.model_dir, setup.family, setup.decoder
+    base, tmp, artefacts, log = setup.base, setup.tmp, setup.artefacts, setup.log
     artefact = None
     class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
     astra_config = AstraConfig(

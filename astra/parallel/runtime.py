@@ -200,28 +200,38 @@ class RankAttention(nn.Module):
         count = self.layout.send_counts[sender]
         return ~self.loss.dropped_mask(count, self.block, sender, self.layout.rank)
 
-    def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]):
-        """Remote (k, v) (1, Hkv, T_remote, hd) before RoPE and their positions (T_remote,).
-
-        What arrived from every sender is joined first (codes, or SP's hidden states) and
-        rebuilt in one call: one lookup (or one projection) for all remote tokens."""
+    def joined_remote(
+        self, payloads: list[Tensor | None], senders: list[int], count_lost: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        """What arrived from `senders`, joined: (codes or SP's hidden states (1, T_remote, .),
+        or None when nothing came; their positions (T_remote,)). Lost codes are dropped (those
+        tokens are simply not attended to) and, with `count_lost`, counted once per pass."""
         received, pos = [], []
         for j in senders:
             got = self.codec.receive(payloads[j], self.layout.send_counts[j])  # (1, n, .)
             p = self.layout.send_positions[j]
             keep = self.kept(j)
-            if keep is not None:  # lost codes: those tokens are simply not attended to
-                self.lost_tokens += int((~keep).sum())
+            if keep is not None:
+                if count_lost:
+                    self.lost_tokens += int((~keep).sum())
                 got, p = got[:, keep], p[keep]
             received.append(got)
             pos.append(p)
+        positions = _cat_positions(pos, self.layout.local_positions)
         if not received:
+            return None, positions
+        return (received[0] if len(received) == 1 else torch.cat(received, dim=1)), positions
+
+    def _rebuild_remote(self, payloads: list[Tensor], senders: list[int]):
+        """Remote (k, v) (1, Hkv, T_remote, hd) before RoPE and their positions (T_remote,),
+        rebuilt in one call for every sender: one lookup (or one projection) for all."""
+        joined, positions = self.joined_remote(payloads, senders)
+        if joined is None:
             attn = self.inner
             empty = attn.q_proj.weight.new_zeros(1, attn.num_kv_heads, 0, attn.head_dim)
-            return empty, empty.clone(), self.layout.local_positions.new_zeros(0)
-        joined = received[0] if len(received) == 1 else torch.cat(received, dim=1)
+            return empty, empty.clone(), positions
         k, v = self.codec.rebuild_kv(self.inner, joined)
-        return k, v, pos[0] if len(pos) == 1 else torch.cat(pos)
+        return k, v, positions
 
 
 REMOTE_CACHES = ("codes", "rebuilt")
@@ -250,37 +260,31 @@ class DecodeAttention(nn.Module):
         lay = self.layout
         # every rank's tokens precede the last one, so the decode device has received them all
         self.senders = [j for j in lay.senders if captured["payloads"][j] is not None]
-        # what is kept per remote token: its codes (unpacked once), not its keys and values
-        self.received, positions = [], []
-        for j in self.senders:
-            got = self.codec.receive(captured["payloads"][j], lay.send_counts[j])  # (1, n, .)
-            p = lay.send_positions[j]
-            keep = rank_attention.kept(j)
-            if keep is not None:  # what was lost in the prefill stays lost
-                got, p = got[:, keep], p[keep]
-            self.received.append(got)
-            positions.append(p)
-        self.remote_positions = _cat_positions(positions, self.k.new_zeros(0, dtype=torch.long))
-        if len(self.received) > 1:  # every sender's codes in one tensor: one rebuild per step
-            self.received = [torch.cat(self.received, dim=1)]  # (1, T_remote, G_wire)
+        # what is kept per remote token: its codes (unpacked once, every sender's in one
+        # tensor, so one rebuild per step), not its keys and values; what was lost in the
+        # prefill stays lost (and was counted there)
+        self.remote, self.remote_positions = rank_attention.joined_remote(
+            captured["payloads"], self.senders, count_lost=False
+        )  # (1, T_remote, G_wire) or None
         self.rebuilt_tokens = 0  # remote tokens rebuilt once, at the front of self.k/self.v
-        if remote_cache == "rebuilt" and self.received:
+        if remote_cache == "rebuilt" and self.remote is not None:
             k_hat, v_hat = self._rebuild()
             # one cache in position order, as on a single device: (1, Hkv, T_remote + T_local, hd)
             self.k, self.v = torch.cat([k_hat, self.k], dim=2), torch.cat([v_hat, self.v], dim=2)
-            self.rebuilt_tokens, self.received = k_hat.shape[2], []
+            self.rebuilt_tokens, self.remote = k_hat.shape[2], None
 
     def _rebuild(self) -> tuple[Tensor, Tensor]:
         """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes (non-empty)."""
-        k, v = self.codec.rebuild_kv(self.inner, self.received[0])
+        k, v = self.codec.rebuild_kv(self.inner, self.remote)
         return self.inner.rotate(k, self.remote_positions), v
 
     def cache_bytes(self) -> dict:
         per_token = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()  # k and v
         rebuilt = self.rebuilt_tokens * per_token
         local = (self.k.numel() + self.v.numel()) * self.k.element_size() - rebuilt
-        remote_bits = sum(
-            r.numel() * getattr(self.codec, "bits", r.element_size() * 8) for r in self.received
+        r = self.remote
+        remote_bits = (
+            0 if r is None else r.numel() * getattr(self.codec, "bits", r.element_size() * 8)
         )
         return {
             "local_exact_bytes": local,
@@ -295,7 +299,7 @@ class DecodeAttention(nn.Module):
         self.k = torch.cat([self.k, k], dim=2)
         self.v = torch.cat([self.v, v], dim=2)
         k_all, v_all = self.k, self.v
-        if self.received:  # codes kept: rebuild every step
+        if self.remote is not None:  # codes kept: rebuild every step
             k_hat, v_hat = self._rebuild()
             k_all = torch.cat([k_hat, k_all], dim=2)
             v_all = torch.cat([v_hat, v_all], dim=2)
@@ -397,15 +401,11 @@ def attend_positions(
                 part = _attend_lse(qq, kk, vv, causal_mask(q_pos[qa:qb], k_pos[ka:kb]))
             out, lse = part if out is None else _merge_with_lse(out, lse, *part)
         if out is None:  # no visible key at all
-            b, h, n, hd = qq.shape
-            out, lse = (
-                qq.new_zeros(b, h, n, hd),
-                qq.new_full((b, h, n), -math.inf, dtype=torch.float32),
-            )
+            out, lse = _no_keys(qq)
         pieces.append(out)
         pieces_lse.append(lse)
     if not pieces:
-        return q.new_zeros(q.shape), q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
+        return _no_keys(q)
     if len(pieces) == 1:
         return pieces[0], pieces_lse[0]
     return torch.cat(pieces, dim=2), torch.cat(pieces_lse, dim=2)
@@ -440,6 +440,12 @@ def _cat_positions(parts: list[Tensor], like: Tensor) -> Tensor:
     return torch.cat(parts) if parts else like.new_zeros(0)
 
 
+def _no_keys(q: Tensor) -> tuple[Tensor, Tensor]:
+    """The partial of queries that see no key: out 0 (B,H,Tq,hd), lse -inf (B,H,Tq) float32,
+    which drops out of every merge."""
+    return q.new_zeros(q.shape), q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
+
+
 def _attend_lse(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -450,7 +456,7 @@ def _attend_lse(
     """
     b, h, tq, hd = q.shape
     if k.shape[2] == 0 or tq == 0:  # (the CPU flash kernel dies on zero query rows)
-        return q.new_zeros(b, h, tq, hd), q.new_full((b, h, tq), -math.inf, dtype=torch.float32)
+        return _no_keys(q)
     hkv = k.shape[1]
     if hkv != h and mask is None and not is_causal and q.device.type == "cpu":
         # grouped-query attention without a mask: the h/Hkv query heads of one kv head are

@@ -208,13 +208,13 @@ class GroupedCodebook(nn.Module):
 
     # -- encode / decode -----------------------------------------------------------------------
 
-    def _to_groups(self, x: Tensor) -> Tensor:
-        """x (..., D) any float dtype -> (G, M, Dg) float32, detached."""
+    def _to_groups(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """x (..., D) any float dtype -> (G, M, Dg) in `dtype`, detached."""
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"expected last dim {self.config.dim}, got shape {tuple(x.shape)}")
         g, dg = self.config.num_groups, self.config.group_dim
         # (..., D) -> (M, G, Dg) -> (G, M, Dg)
-        return x.detach().float().reshape(-1, g, dg).transpose(0, 1)
+        return x.detach().to(dtype).reshape(-1, g, dg).transpose(0, 1)
 
     def encode(self, x: Tensor, search_dtype: torch.dtype | None = None) -> Tensor:
         """x (..., D) -> codes (..., G) int64 in [0, K): nearest code per group (squared L2).
@@ -226,19 +226,15 @@ class GroupedCodebook(nn.Module):
         one and raises the quantization error by 0.17 %; the sender's choice never reaches the
         receiver, which decodes whatever codes arrive.
         """
-        if x.shape[-1] != self.config.dim:
-            raise ValueError(f"expected last dim {self.config.dim}, got shape {tuple(x.shape)}")
         if search_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"search_dtype must be None, float32 or bfloat16, got {search_dtype}")
         if search_dtype is None:
             search_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        groups = self._to_groups(x, search_dtype)  # (G, M, Dg)
         if search_dtype == torch.bfloat16:
-            x = x.to(torch.bfloat16)
-            g, dg = self.config.num_groups, self.config.group_dim
-            groups = x.detach().reshape(-1, g, dg).transpose(0, 1)  # (..., D) -> (G, M, Dg)
             codes = _nearest_bf16(groups, self.embed.float())
         else:
-            codes, _ = _nearest(self._to_groups(x), self.embed.float())  # (G, M)
+            codes, _ = _nearest(groups, self.embed.float())  # (G, M)
         return codes.t().reshape(*x.shape[:-1], self.config.num_groups)  # (M, G) -> (..., G)
 
     def decode(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
