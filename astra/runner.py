@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from astra.group.config import DTYPES, SEARCHES, QuantConfig
 from astra.hub import cache_dir, resolve_model
 from astra.models import KVCache, load_model, load_tokenizer, model_family
 from astra.net.comm import Communicator
@@ -50,13 +51,6 @@ from astra.parallel.runtime import (
 from astra.parallel.simulate import effective_class_tokens
 
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
-# the precision every device computes in (weights and activations); codebooks stay float32.
-# bfloat16 is what CPUs with AMX / AVX-512 BF16 and GPUs run fastest (about 3x fp32 here)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# the senders' nearest-code search: "auto" = the compute dtype's (bf16 dot products for a bf16
-# model), or forced; bf16 search costs 0.17 % more quantization error on SmolLM2, see
-# astra.vq.codebook.GroupedCodebook.encode and benchmarks/latency.md
-SEARCHES = ("auto", "float32", "bfloat16")
 BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
 MODES = ("auto", "processes", "composed")
 
@@ -212,9 +206,7 @@ def embed_inputs(model, inputs: dict) -> torch.Tensor:
     if "pixels" in inputs:  # pixels in the model's precision (the patch convolution's)
         return model.embed(inputs["pixels"].to(next(model.parameters()).dtype))
     ids = inputs["input_ids"]
-    if type(model).__name__ == "Bert":
-        return model.embed(ids)
-    return model.embed(ids, torch.arange(ids.shape[1]))
+    return model.embed(ids, positions=torch.arange(ids.shape[1]))
 
 
 def _load(job: Job):
@@ -253,7 +245,8 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
     codecs = make_codecs(job.method, quantizers, job.use_tables, search_dtype(job.search))
     placement = fit_balanced_placement(
-        job.placement, model, x_full, codecs, rank, warm or comm, job
+        job.placement, model, x_full, codecs, rank, warm or comm, job.exchange, job.overlap,
+        job.warmup,
     )
     seq = build_sequence_layout(x_full.shape[1], placement, class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
@@ -311,7 +304,15 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
 
 
 def fit_balanced_placement(
-    placement: PlacementConfig, model, x_full: torch.Tensor, codecs, rank: int, comm, job: Job
+    placement: PlacementConfig,
+    model,
+    x_full: torch.Tensor,
+    codecs,
+    rank: int,
+    comm,
+    exchange: str,
+    overlap: bool,
+    warmup: bool = True,
 ) -> PlacementConfig:
     """Fill in what "balanced" placement needs: the CausalCost of this model on this machine,
     fitted from one pass of the real runtime with contiguous chunks on an ideal link (every
@@ -323,7 +324,7 @@ def fit_balanced_placement(
         return placement
     if not getattr(model, "causal", False) or placement.num_devices == 1:
         return replace(placement, cost=CausalCost())
-    exchange = resolve_exchange(job.exchange, True)
+    exchange = resolve_exchange(exchange, True)
     contiguous = replace(placement, kind="contiguous")
     layout = build_rank_layout(
         build_sequence_layout(x_full.shape[1], contiguous, "none"),
@@ -331,8 +332,8 @@ def fit_balanced_placement(
         placement.num_devices,
         True,
     )
-    install_rank_attention(model, codecs, layout, comm, job.overlap, exchange=exchange)
-    for _ in range(2 if job.warmup else 1):  # with a warm-up pass first, time the second
+    install_rank_attention(model, codecs, layout, comm, overlap, exchange=exchange)
+    for _ in range(2 if warmup else 1):  # with a warm-up pass first, time the second
         for block in model.blocks:
             block.attn.timings = {}
         comm.barrier()
@@ -478,15 +479,16 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
 
 
 def _pool(model, final: torch.Tensor) -> torch.Tensor:
-    """Encoder output: the class token (ViT) or the mean of all tokens (BERT)."""
-    if type(model).__name__ == "Bert":
+    """Encoder output: the class token (ViT) or the mean of all tokens (BERT): the model's
+    `pooling`."""
+    if model.pooling == "mean":
         return final.mean(dim=1)[0]
     return final[0, 0]
 
 
 def _encoder_output(model, hidden, layout, seq, comm) -> torch.Tensor:
     """Gather the pieces of the output every device needs (a few floats per device)."""
-    if type(model).__name__ == "Bert":  # mean pooling: sum of local tokens and their count
+    if model.pooling == "mean":  # the sum of local tokens and their count
         local = torch.cat([hidden[0].sum(0), torch.tensor([float(hidden.shape[1])])])
         parts = comm.all_gather_tensor(local[None])
         total = torch.cat(parts).sum(0)
@@ -586,14 +588,27 @@ def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
 
 
 def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -> Path:
+    """The codebooks a RunConfig asks for (see ensure_codebooks)."""
+    quant = QuantConfig(
+        groups=config.groups,
+        codebook_size=config.codebook_size,
+        point=config.quant_point,
+        artefact=config.artefact,
+    )
+    return ensure_codebooks(model_dir, quant, config.model, progress)
+
+
+def ensure_codebooks(
+    model_dir: Path, quant: QuantConfig, model_label: str, progress: bool = True
+) -> Path:
     """The codebooks to run with: the given artefact, or the cached default (calibrated now,
     training-free, if it does not exist yet)."""
-    if config.artefact is not None:
-        path = Path(config.artefact).expanduser()
+    if quant.artefact is not None:
+        path = Path(quant.artefact).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
                 f"no codebook artefact at {path}; make one with `astra calibrate --model "
-                f"{config.model}` or leave out --artefact to calibrate and cache one"
+                f"{model_label}` or leave out --artefact to calibrate and cache one"
             )
         return path
     from astra.parallel.simulate import apply_astra
@@ -603,9 +618,9 @@ def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -
     model = load_model(model_dir)
     task = make_task(model, model_dir)
     astra_config = AstraConfig(
-        quant_point=config.quant_point or task.quant_point,
-        num_groups=config.groups,
-        codebook_size=config.codebook_size,
+        quant_point=quant.point or task.quant_point,
+        num_groups=quant.groups,
+        codebook_size=quant.codebook_size,
         class_tokens=task.class_tokens,
     )
     path = default_artefact(model_dir, astra_config)

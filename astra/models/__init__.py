@@ -12,11 +12,13 @@ from astra.models.gpt2 import GPT2, GPT2Config
 from astra.models.llama import Llama, LlamaConfig
 from astra.models.loading import (
     FAMILIES,
+    context_length,
     convert_state_dict,
     image_transform,
     load_model,
     load_tokenizer,
     model_family,
+    model_kind,
     read_config,
     read_state_dict,
 )
@@ -36,12 +38,14 @@ __all__ = [
     "ViT",
     "ViTConfig",
     "causal_mask",
+    "context_length",
     "convert_state_dict",
     "image_transform",
     "load_model",
     "load_tokenizer",
     "mean_pool",
     "model_family",
+    "model_kind",
     "padding_mask",
     "read_config",
     "read_state_dict",

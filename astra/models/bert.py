@@ -67,7 +67,9 @@ class Block(nn.Module):
 
 class Bert(nn.Module):
     causal = False
+    modality = "text"  # what the model reads: token ids or pixels
     num_prefix_tokens = 1  # [CLS]
+    pooling = "mean"  # sentence embedding = mean of the final hidden states (sentence-transformers)
 
     def __init__(self, config: BertConfig):
         super().__init__()

@@ -65,6 +65,7 @@ class Block(nn.Module):
 
 class GPT2(nn.Module):
     causal = True
+    modality = "text"  # what the model reads: token ids or pixels
     num_prefix_tokens = 0
 
     def __init__(self, config: GPT2Config):

@@ -110,6 +110,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     causal = True
+    modality = "text"  # what the model reads: token ids or pixels
     num_prefix_tokens = 0
 
     def __init__(self, config: LlamaConfig):

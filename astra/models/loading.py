@@ -116,6 +116,24 @@ def model_family(path_or_config: str | Path | dict) -> str:
     return model_type
 
 
+def model_kind(path_or_config: str | Path | dict) -> str:
+    """What the checkpoint does with an input: "decoder" (continues text), "text-encoder"
+    (embeds text) or "image-encoder" (features of an image); from the model class itself."""
+    model_cls = FAMILIES[model_family(path_or_config)][1]
+    if model_cls.causal:
+        return "decoder"
+    return f"{model_cls.modality}-encoder"
+
+
+def context_length(path_or_config: str | Path | dict) -> int | None:
+    """The most positions the checkpoint was trained for (None: not a token sequence model)."""
+    config = read_config(path_or_config)
+    for key in ("max_position_embeddings", "n_positions"):
+        if key in config and FAMILIES[model_family(config)][1].modality == "text":
+            return int(config[key])
+    return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 

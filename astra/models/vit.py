@@ -120,7 +120,9 @@ class ViT(nn.Module):
     """Encoder only: `forward` returns the final-LayerNorm hidden states (B, 1 + P, D)."""
 
     causal = False
+    modality = "image"  # what the model reads: token ids or pixels
     num_prefix_tokens = 1  # [CLS]
+    pooling = "cls"  # image features = the final-norm class token
 
     def __init__(self, config: ViTConfig):
         super().__init__()

@@ -58,17 +58,8 @@ def _worker(
     collective_timeout_s: float,
     results: Any,
 ) -> None:
-    torch.set_num_threads(threads_per_worker)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=collective_timeout_s),
-        )
+        _join_local_group(rank, world_size, threads_per_worker, backend, port, collective_timeout_s)
         value = fn(rank, world_size, dist.group.WORLD, *args)
         # Pickled here with the plain pickler: tensors travel by value, not as shared-memory
         # handles that would die with this process.
@@ -84,6 +75,95 @@ def _worker(
         dist.destroy_process_group()
     except Exception:
         pass  # results are already delivered; the parent only reaps the process
+
+
+def _join_local_group(
+    rank: int, world_size: int, threads: int, backend: str, port: int, timeout_s: float
+) -> None:
+    """This process becomes `rank` of a group whose store rank 0 serves on 127.0.0.1:port."""
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _resident(
+    rank: int,
+    world_size: int,
+    fn: Callable,
+    args: tuple,
+    threads: int,
+    backend: str,
+    port: int,
+    collective_timeout_s: float,
+) -> None:
+    try:
+        _join_local_group(rank, world_size, threads, backend, port, collective_timeout_s)
+        fn(rank, world_size, dist.group.WORLD, *args)
+    except KeyboardInterrupt:
+        os._exit(130)  # the parent owns the terminal and reports; leave without a traceback
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # skip destroy_process_group: the parent ends the group, peers may be gone
+
+
+def start_ranks(
+    fn: Callable,
+    world_size: int,
+    args: tuple = (),
+    threads_per_worker: int = 1,
+    backend: str = "gloo",
+    collective_timeout_s: float = 60.0,
+    start_method: str = "auto",
+) -> list:
+    """Start fn(rank, world_size, group, *args) in world_size local processes and return them
+    at once (a persistent group: fn loops on its own inbox; see astra.group). The caller owns
+    the processes: it watches them and ends them with `stop_ranks`."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    backend = resolve_backend(backend)
+    port = free_port()
+    ctx = _context(start_method)
+    procs = [
+        ctx.Process(
+            target=_resident,
+            daemon=True,
+            name=f"astra-device{rank}",
+            args=(
+                rank,
+                world_size,
+                fn,
+                args,
+                threads_per_worker,
+                backend,
+                port,
+                collective_timeout_s,
+            ),
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def stop_ranks(procs: list, grace_s: float = 2.0) -> None:
+    """End processes started by start_ranks: wait up to grace_s, then terminate, then kill
+    (a stopped process ignores SIGTERM until it is continued; SIGKILL ends it anyway)."""
+    _reap(procs, grace_s)
+
+
+def mp_context(start_method: str = "auto"):
+    """The multiprocessing context workers are started with (for their queues and shared
+    values)."""
+    return _context(start_method)
 
 
 def spawn(

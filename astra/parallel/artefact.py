@@ -75,7 +75,8 @@ def load_astra(path: str | Path, model: nn.Module, model_dir: str | Path) -> Ast
     blob = read_artefact(path, model_dir)
     astra = apply_astra(model, AstraConfig(**blob["config"]))
     astra.quantizers.load_state_dict(blob["quantizers"])
-    if blob.get("model_weights") is not None:
+    astra.fine_tuned = blob.get("model_weights") is not None
+    if astra.fine_tuned:
         astra.model.load_state_dict(blob["model_weights"])
     return astra
 

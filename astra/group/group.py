@@ -1,0 +1,576 @@
+"""`Group`: N worker processes that hold one model and serve requests, one at a time.
+
+    from astra.group import Group, GroupConfig, Sampling
+    with Group(GroupConfig(model="smollm2-135m", devices=2)) as group:
+        out = group.generate("The capital of France is", Sampling(max_tokens=8, temperature=0))
+        print(out.text, out.record.ttft_ms)
+
+Starting costs once: the workers start, load the checkpoint, load (or calibrate and cache) the
+codebooks and warm every method up. Each request then costs only its own compute and traffic.
+`astra run` and `astra serve` are thin layers over this class.
+
+Faults: every wait has a deadline. A device that dies, raises, or stops answering (its
+heartbeat goes silent for `peer_timeout_s`) ends the request in flight with a GroupError that
+names it; the group then re-forms on the survivors (one device fewer: new processes, since a
+torch.distributed group cannot shrink) and marks itself degraded; with one device left it runs
+every request as `single`. The next request is served by the re-formed group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from astra.group.config import GroupConfig
+from astra.group.records import RequestRecord, record_from_ranks
+from astra.group.worker import WorkerSpec, WorkItem, serve_rank
+from astra.hub import resolve_model
+from astra.models import context_length, image_transform, load_tokenizer, model_kind, read_config
+from astra.net.launch import mp_context, start_ranks, stop_ranks
+from astra.sampling import Sampling
+
+log = logging.getLogger("astra.group")
+DEFAULT_SAMPLING = Sampling()  # 16 tokens at temperature 1 (OpenAI's defaults)
+
+
+class GroupError(RuntimeError):
+    """A device failed while serving a request (the group has re-formed by the time this is
+    raised), or the group could not start."""
+
+
+class RequestError(ValueError):
+    """The request itself is invalid for this model (too long, wrong kind of input)."""
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed completion: new text, and the token that completed it."""
+
+    text: str
+    token_id: int
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence or a stop string), "length", "cancelled"
+    record: RequestRecord
+
+
+@dataclass
+class Encoding:
+    """An encoder's output: a sentence embedding (text) or image features."""
+
+    vector: list[float]
+    record: RequestRecord
+
+
+@dataclass
+class _Members:
+    """The processes of one incarnation of the group and their shared channels."""
+
+    procs: list
+    inboxes: list
+    outbox: object
+    cancel: object  # multiprocessing Value: the id of the request to cancel
+    beats: object  # multiprocessing Array: each worker's last heartbeat (time.time())
+    info: list[dict] = field(default_factory=list)  # each rank's "ready" report
+
+
+class Group:
+    def __init__(self, config: GroupConfig, progress: bool = False) -> None:
+        self.config = config
+        self.progress = progress
+        self.model_dir = resolve_model(config.model)
+        self.kind = model_kind(self.model_dir)  # "decoder", "text-encoder", "image-encoder"
+        self.context_length = context_length(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir) if self.kind != "image-encoder" else None
+        self.devices = config.devices  # active devices (fewer than asked after a failure)
+        self.failures: list[str] = []  # what made the group re-form, oldest first
+        self.artefact: Path | None = None
+        self.quant_info: dict = {}
+        self._members: _Members | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # one request at a time through the group
+        self._started = False
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Group:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> Group:
+        """Start the workers (and calibrate codebooks first if none are cached)."""
+        if self._started:
+            return self
+        if "astra" in self.config.methods and self.config.devices > 1:
+            from astra.parallel.artefact import read_artefact
+            from astra.runner import ensure_codebooks
+
+            self.artefact = ensure_codebooks(
+                self.model_dir, self.config.quant, self.config.model, self.progress
+            )
+            cfg = read_artefact(self.artefact, self.model_dir)["config"]
+            self.quant_info = {
+                "groups": cfg["num_groups"],
+                "codebook_size": cfg["codebook_size"],
+                "quant_point": cfg["quant_point"],
+                "class_tokens": cfg["class_tokens"],
+            }
+        self._members = self._start_members(self.devices)
+        self._started = True
+        return self
+
+    def close(self) -> None:
+        members, self._members = self._members, None
+        if members is not None:
+            for inbox in members.inboxes:
+                inbox.put(None)
+            stop_ranks(members.procs, grace_s=2.0)
+        self._started = False
+
+    def _spec(self) -> WorkerSpec:
+        c = self.config
+        class_tokens = self.quant_info.get("class_tokens")
+        if class_tokens is None:  # no codebooks: the model's own convention
+            class_tokens = "distributed" if self.kind == "image-encoder" else "none"
+        return WorkerSpec(
+            model_dir=str(self.model_dir),
+            artefact=str(self.artefact) if self.artefact else None,
+            methods=tuple(m for m in c.methods if m != "astra" or self.artefact is not None),
+            placement=c.placement,
+            class_tokens=class_tokens,
+            exchange=c.exchange,
+            remote_cache=c.remote_cache,
+            overlap=c.overlap,
+            use_tables=c.use_tables,
+            dtype=c.dtype,
+            search=c.quant.search,
+            peer_timeout_s=c.peer_timeout_s,
+            warmup_inputs=self._warmup_inputs(),
+        )
+
+    def _warmup_inputs(self) -> dict:
+        n = max(self.config.warmup_tokens, 2 * self.config.devices)
+        if self.kind == "image-encoder":
+            return {"pixels": torch.zeros(1, 3, 224, 224)}
+        vocab = int(read_config(self.model_dir).get("vocab_size", 1000))
+        ids = (torch.arange(n) * 7919 + 11) % vocab  # any tokens: only the shapes matter
+        return {"input_ids": ids[None]}
+
+    def _start_members(self, devices: int) -> _Members:
+        c = self.config
+        ctx = mp_context()
+        inboxes = [ctx.Queue() for _ in range(devices)]
+        outbox = ctx.Queue()
+        cancel = ctx.Value("q", -1)
+        beats = ctx.Array("d", [time.time()] * devices)
+        procs = start_ranks(
+            serve_rank,
+            devices,
+            args=(self._spec(), inboxes, outbox, cancel, beats),
+            threads_per_worker=c.threads_per_device,
+            backend=c.backend,
+            collective_timeout_s=c.peer_timeout_s,
+        )
+        members = _Members(procs, inboxes, outbox, cancel, beats, [{}] * devices)
+        deadline = time.monotonic() + c.start_timeout_s
+        ready: dict[int, dict] = {}
+        try:
+            while len(ready) < devices:
+                problem = self._problem(members, waiting=set(range(devices)) - set(ready))
+                if problem is None and time.monotonic() > deadline:
+                    late = sorted(set(range(devices)) - set(ready))
+                    problem = f"devices {late} were not ready after {c.start_timeout_s:g} s"
+                if problem is not None:
+                    raise GroupError(f"the device group did not start: {problem}")
+                try:
+                    msg = outbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if msg[0] == "ready":
+                    ready[msg[1]] = msg[2]
+                elif msg[0] == "error":
+                    raise GroupError(f"the device group did not start: device {msg[1]}: {msg[3]}")
+        except BaseException:
+            stop_ranks(procs, grace_s=0.0)
+            raise
+        members.info = [ready[r] for r in range(devices)]
+        return members
+
+    def _problem(self, members: _Members, waiting: set[int]) -> str | None:
+        """The first device that died or stopped answering, in words; None if all are well."""
+        now = time.time()
+        for rank, proc in enumerate(members.procs):
+            if proc.exitcode is not None and rank in waiting:
+                return f"device {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+            silent = now - members.beats[rank]
+            if silent > self.config.peer_timeout_s:
+                state = _process_state(proc.pid)
+                return (
+                    f"device {rank} (pid {proc.pid}{', ' + state if state else ''}) stopped "
+                    f"answering: no heartbeat for {silent:.1f} s (--peer-timeout "
+                    f"{self.config.peer_timeout_s:g} s)"
+                )
+        return None
+
+    def _reform(self, reason: str) -> None:
+        """Drop the failed incarnation and start again on one device fewer."""
+        members, self._members = self._members, None
+        if members is not None:
+            stop_ranks(members.procs, grace_s=0.0)
+        self.failures.append(reason)
+        self.devices = max(1, self.devices - 1)
+        log.warning("astra: %s; re-forming the group on %d device(s)", reason, self.devices)
+        self._members = self._start_members(self.devices)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self.devices < self.config.devices
+
+    def health(self) -> dict:
+        members = self._members
+        alive = [p.exitcode is None for p in members.procs] if members else []
+        problem = self._problem(members, set(range(len(alive)))) if members else "not started"
+        status = "ok"
+        if problem is not None or not alive:
+            status = "unavailable"
+        elif self.degraded:
+            status = "degraded"
+        return {
+            "status": status,
+            "model": self.config.model,
+            "kind": self.kind,
+            "devices_requested": self.config.devices,
+            "devices_active": self.devices,
+            "devices_alive": alive,
+            "degraded": self.degraded,
+            "problem": problem,
+            "failures": list(self.failures),
+            "method": self.method_for(self.config.method),
+        }
+
+    def method_for(self, method: str) -> str:
+        """The method a request asking for `method` runs with on the group as it is now."""
+        if self.devices == 1:
+            return "single"
+        if method == "astra" and self.artefact is None:
+            return "single"
+        return method
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids as the tokenizer's own config says (BOS where the model expects one)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return list(prompt)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template applied to OpenAI-style messages, ready to continue."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(f"model {self.config.model} has no chat template; use completions")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def check_prompt(self, ids: list[int], max_tokens: int) -> None:
+        if self.kind != "decoder":
+            raise RequestError(
+                f"model {self.config.model} is a {self.kind}; text generation needs a decoder"
+            )
+        if not ids:
+            raise RequestError("the prompt is empty")
+        limit = self.context_length
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's "
+                f"context of {limit} tokens"
+            )
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling: Sampling = DEFAULT_SAMPLING,
+        method: str | None = None,
+    ) -> Completion:
+        out = None
+        for event in self.stream(prompt, sampling, method):
+            if isinstance(event, Completion):
+                out = event
+        assert out is not None
+        return out
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        sampling: Sampling = DEFAULT_SAMPLING,
+        method: str | None = None,
+        request_id: int | None = None,
+        queued_at: float | None = None,
+    ) -> Iterator[Chunk | Completion]:
+        """Chunks of text as the decode device draws tokens, then the Completion."""
+        ids = self.encode_prompt(prompt)
+        self.check_prompt(ids, sampling.max_tokens)
+        stop_ids = tuple(t for t in (self._eos_ids()) if t is not None)
+        inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        rid = request_id if request_id is not None else self.new_request_id()
+        text = _Detokenizer(self.tokenizer, sampling.stop)
+        tokens: list[int] = []
+        record = None
+        for event in self._run(inputs, sampling, method, rid, stop_ids, queued_at):
+            if isinstance(event, RequestRecord):
+                record = event
+                break
+            if text.stopped:
+                continue
+            tokens.append(event)
+            delta = text.push(event)
+            if text.stopped:
+                self.cancel(rid)
+            if delta:
+                yield Chunk(delta, event)
+        assert record is not None
+        tail = text.flush()
+        if tail:
+            yield Chunk(tail, tokens[-1] if tokens else -1)
+        finish = "stop" if text.stopped else record.finish_reason or "length"
+        record.finish_reason = finish
+        record.completion_tokens = len(tokens)
+        yield Completion(text.text, tokens, finish, record)
+
+    def encode(self, inputs: dict, method: str | None = None) -> Encoding:
+        """An encoder's output for {"input_ids"} (text) or {"pixels"} (image)."""
+        rid = self.new_request_id()
+        record = None
+        vector = None
+        for event in self._run(inputs, Sampling(max_tokens=0), method, rid, (), None):
+            if isinstance(event, RequestRecord):
+                record = event
+        assert record is not None
+        vector = record.extra.pop("output")
+        return Encoding(vector.float().tolist(), record)
+
+    def embed(self, text: str, method: str | None = None) -> Encoding:
+        if self.kind != "text-encoder":
+            raise RequestError(
+                f"model {self.config.model} is a {self.kind}; embeddings need a text encoder "
+                "such as minilm-l6"
+            )
+        ids = self.encode_prompt(text)
+        if self.context_length is not None and len(ids) > self.context_length:
+            raise RequestError(
+                f"input of {len(ids)} tokens exceeds the model's context of "
+                f"{self.context_length} tokens"
+            )
+        return self.encode({"input_ids": torch.tensor([ids], dtype=torch.long)}, method)
+
+    def features(self, image, method: str | None = None) -> Encoding:
+        """Image features (the final-norm class token) of an HxWx3 array or PIL image."""
+        if self.kind != "image-encoder":
+            raise RequestError(
+                f"model {self.config.model} is a {self.kind}; image features need a ViT such "
+                "as dinov2-s"
+            )
+        pixels = image_transform(self.model_dir)(image)[None]
+        return self.encode({"pixels": pixels}, method)
+
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    def cancel(self, request_id: int) -> None:
+        """Stop drawing tokens for request_id (a prefill in progress finishes first)."""
+        members = self._members
+        if members is not None:
+            members.cancel.value = request_id
+
+    def _eos_ids(self) -> list[int | None]:
+        tok = self.tokenizer
+        ids = [tok.eos_token_id] if tok is not None else []
+        gen = read_config(self.model_dir).get("eos_token_id")
+        ids += gen if isinstance(gen, list) else [gen]
+        return ids
+
+    def _choose(self, method: str | None, prompt_tokens: int) -> tuple[str, bool]:
+        """(method to run, whether the one-device fallback chose it)."""
+        asked = self.method_for(method or self.config.method)
+        if self.config.fallback != "auto" or asked == "single":
+            return asked, False
+        single_ms, group_ms = self.estimate_ms(asked, prompt_tokens)
+        if single_ms is not None and group_ms is not None and single_ms < group_ms:
+            return "single", True
+        return asked, False
+
+    def estimate_ms(self, method: str, prompt_tokens: int) -> tuple[float | None, float | None]:
+        """Predicted prefill time on one device and with `method` on the current link, from
+        the warm-up passes: compute scaled by tokens, plus the link's latency per exchange the
+        method waits for and its bytes at the current bandwidth."""
+        info = self._members.info if self._members else []
+        if not info or "single" not in info[0].get("warmup_prefill_ms", {}):
+            return None, None
+        warm_tokens = info[0]["warmup_tokens"]
+        scale = prompt_tokens / warm_tokens
+        single_ms = info[0]["warmup_prefill_ms"]["single"] * scale
+        per_rank = [i["warmup_prefill_ms"].get(method) for i in info]
+        if any(t is None for t in per_rank):
+            return single_ms, None
+        link = self.config.link
+        exchanges = (self.devices - 1) if self.kind == "decoder" else info[0]["num_blocks"]
+        sent = max(i["warmup_bytes_per_token"].get(method, 0.0) for i in info) * prompt_tokens
+        link_ms = exchanges * link.latency_ms + link.serialization_time_s(sent) * 1e3
+        return single_ms, max(per_rank) * scale + link_ms
+
+    def _run(self, inputs, sampling, method, rid, stop_ids, queued_at) -> Iterator:
+        """Send one item to every device, yield token ids as they come, then the record."""
+        with self._lock:
+            started = time.perf_counter()
+            queue_ms = (started - queued_at) * 1e3 if queued_at is not None else 0.0
+            if self._members is None:
+                raise GroupError("the device group is not running (call start())")
+            problem = self._problem(self._members, set(range(self.devices)))
+            if problem is not None:  # a device failed while the group was idle
+                self._reform(problem)
+            prompt_tokens = int(next(iter(inputs.values())).shape[1])
+            chosen, fallback = self._choose(method, prompt_tokens)
+            item = WorkItem(
+                request_id=rid,
+                method=chosen,
+                inputs=inputs,
+                link=self.config.link,
+                max_new_tokens=sampling.max_tokens,
+                sampling=sampling,
+                stop_ids=stop_ids,
+            )
+            members = self._members
+            for inbox in members.inboxes:
+                inbox.put(item)
+            results: dict[int, dict | None] = {}
+            deadline = time.monotonic() + self.config.request_timeout_s
+            while len(results) < self.devices:
+                problem = self._problem(members, set(range(self.devices)) - set(results))
+                if problem is None and time.monotonic() > deadline:
+                    late = sorted(set(range(self.devices)) - set(results))
+                    problem = (
+                        f"request {rid} ran past --request-timeout "
+                        f"{self.config.request_timeout_s:g} s; devices {late} had not finished"
+                    )
+                if problem is not None:
+                    self._fail(f"{problem} during request {rid}")
+                try:
+                    msg = members.outbox.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                kind, rank = msg[0], msg[1]
+                if msg[2] != rid:
+                    continue  # a late message of an earlier request
+                if kind == "token":
+                    yield msg[3]
+                elif kind == "done":
+                    results[rank] = msg[3]
+                elif kind == "error":
+                    self._fail(f"device {rank} failed during request {rid}: {msg[3]}")
+            record = self._record(chosen, results, prompt_tokens)
+            record.queue_ms = round(queue_ms, 2)
+            record.total_ms = round((time.perf_counter() - started) * 1e3, 2)
+            record.fallback = fallback
+            asked = method or self.config.method
+            record.requested_method = asked if asked != chosen else None
+            yield record
+
+    def _fail(self, reason: str) -> None:
+        devices = self.devices
+        self._reform(reason)
+        raise GroupError(
+            f"{reason}; the request was abandoned and the group re-formed on {self.devices} of "
+            f"{devices} devices"
+        )
+
+    def _record(self, method: str, results: dict, prompt_tokens: int) -> RequestRecord:
+        taking_part = [results[r] for r in sorted(results) if results[r] is not None]
+        record = record_from_ranks(
+            method,
+            taking_part,
+            mode="processes",
+            dtype=self.config.dtype,
+            search=self.config.quant.search,
+            prompt_tokens=prompt_tokens,
+        )
+        record.degraded = self.degraded
+        first = next((r for r in taking_part if "generated" in r), None)
+        if first is not None:
+            record.finish_reason = first["finish_reason"]
+        if method == "astra":
+            record.groups = self.quant_info.get("groups")
+            record.codebook_size = self.quant_info.get("codebook_size")
+            record.quant_point = self.quant_info.get("quant_point")
+        output = next((r["output"] for r in taking_part if "output" in r), None)
+        if output is not None:
+            record.extra["output"] = output
+        return record
+
+
+class _Detokenizer:
+    """Token ids -> text, incrementally, with OpenAI stop strings: text that could still turn
+    into a stop string is held back until it cannot; a stop string ends the text before it."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # text released so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        for s in self.stop:
+            at = full.find(s)
+            if at != -1:
+                self.stopped = True
+                return self._release(full[:at])
+        hold = max((_overlap(full, s) for s in self.stop), default=0)
+        return self._release(full[: len(full) - hold])
+
+    def flush(self) -> str:
+        if self.stopped or not self.ids:
+            return ""
+        return self._release(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _release(self, upto: str) -> str:
+        if len(upto) <= len(self.text):
+            return ""
+        delta, self.text = upto[len(self.text) :], upto
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a beginning of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def _process_state(pid: int) -> str:
+    """ "stopped (SIGSTOP)" or "" from /proc (Linux); a frozen process is worth naming."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "Z": "a zombie"}.get(state, "")
