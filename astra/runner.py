@@ -245,7 +245,14 @@ def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
     codecs = make_codecs(job.method, quantizers, job.use_tables, search_dtype(job.search))
     placement = fit_balanced_placement(
-        job.placement, model, x_full, codecs, rank, warm or comm, job.exchange, job.overlap,
+        job.placement,
+        model,
+        x_full,
+        codecs,
+        rank,
+        warm or comm,
+        job.exchange,
+        job.overlap,
         job.warmup,
     )
     seq = build_sequence_layout(x_full.shape[1], placement, class_tokens)

@@ -28,7 +28,8 @@ def tiny_llama_dir(tmp_path_factory):
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(cfg).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    for name in names + ("chat_template.jinja",):
         if (tok_dir / name).is_file():
             (out / name).write_bytes((tok_dir / name).read_bytes())
     return out

@@ -67,6 +67,44 @@ def add_link_args(parser: argparse.ArgumentParser, bandwidth="10mbit", latency="
     )
 
 
+def add_quant_args(parser: argparse.ArgumentParser) -> None:
+    """ASTRA's codebooks: G, K, the quantization point and an artefact (run, serve)."""
+    parser.add_argument(
+        "--groups",
+        type=positive_int,
+        default=1,
+        help="VQ groups G per token (default 1: 10 bits per codebook per token)",
+    )
+    parser.add_argument(
+        "--codebook-size", type=positive_int, default=1024, help="codes per group K (default 1024)"
+    )
+    parser.add_argument(
+        "--point",
+        choices=["hidden", "kv"],
+        default=None,
+        help="quantization point (default: kv for Llama, hidden otherwise)",
+    )
+    parser.add_argument(
+        "--artefact",
+        default=None,
+        help="codebooks from `astra calibrate`/`astra finetune`; default: calibrate "
+        "once (training-free) and cache",
+    )
+
+
+def seconds_arg(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds like 30 or 2.5, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive, finite number of seconds, got {text}"
+        )
+    return value
+
+
 def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exchange",

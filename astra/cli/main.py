@@ -13,6 +13,7 @@ from astra.cli.bench_cmd import add_bench_parser
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
 from astra.cli.run_cmd import add_run_parser
+from astra.cli.serve_cmd import add_serve_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_models_parser(sub).set_defaults(runner=run_models)
     add_run_parser(sub)
+    add_serve_parser(sub)
     add_bench_parser(sub)
     add_calibrate_parser(sub)
     add_finetune_parser(sub)

@@ -10,6 +10,7 @@ from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
+    add_quant_args,
     add_search_arg,
     fail,
     positive_int,
@@ -81,27 +82,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompt", default=None, help="text to continue (decoders); default: held-out Austen text"
     )
-    p.add_argument(
-        "--groups",
-        type=positive_int,
-        default=1,
-        help="VQ groups G per token (default 1: 10 bits per codebook per token)",
-    )
-    p.add_argument(
-        "--codebook-size", type=positive_int, default=1024, help="codes per group K (default 1024)"
-    )
-    p.add_argument(
-        "--point",
-        choices=["hidden", "kv"],
-        default=None,
-        help="quantization point (default: kv for Llama, hidden otherwise)",
-    )
-    p.add_argument(
-        "--artefact",
-        default=None,
-        help="codebooks from `astra calibrate`/`astra finetune`; default: calibrate "
-        "once (training-free) and cache",
-    )
+    add_quant_args(p)
     p.add_argument(
         "--methods",
         default="single,astra,sp-fp32",

@@ -236,6 +236,22 @@ class Group:
         log.warning("astra: %s; re-forming the group on %d device(s)", reason, self.devices)
         self._members = self._start_members(self.devices)
 
+    def heal(self) -> bool:
+        """Re-form now if a device died or froze while the group was idle; True if it did."""
+        if self._members is None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            problem = self._problem(self._members, set(range(self.devices)))
+            if problem is None:
+                return False
+            self._reform(problem)
+            return True
+        except GroupError as exc:
+            log.error("astra: %s", exc)
+            return False
+        finally:
+            self._lock.release()
+
     # ---- state ------------------------------------------------------------------------------
 
     @property
@@ -258,6 +274,7 @@ class Group:
             "devices_requested": self.config.devices,
             "devices_active": self.devices,
             "devices_alive": alive,
+            "pids": [p.pid for p in members.procs] if members else [],
             "degraded": self.degraded,
             "problem": problem,
             "failures": list(self.failures),
@@ -306,9 +323,12 @@ class Group:
         prompt: str | list[int],
         sampling: Sampling = DEFAULT_SAMPLING,
         method: str | None = None,
+        request_id: int | None = None,
+        queued_at: float | None = None,
     ) -> Completion:
+        """The whole completion of a text prompt or of token ids (see stream)."""
         out = None
-        for event in self.stream(prompt, sampling, method):
+        for event in self.stream(prompt, sampling, method, request_id, queued_at):
             if isinstance(event, Completion):
                 out = event
         assert out is not None
@@ -407,6 +427,8 @@ class Group:
     def _choose(self, method: str | None, prompt_tokens: int) -> tuple[str, bool]:
         """(method to run, whether the one-device fallback chose it)."""
         asked = self.method_for(method or self.config.method)
+        if asked != "single" and prompt_tokens < self.devices:
+            return "single", True  # every device needs a token of its own to share the work
         if self.config.fallback != "auto" or asked == "single":
             return asked, False
         single_ms, group_ms = self.estimate_ms(asked, prompt_tokens)
