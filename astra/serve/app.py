@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import io
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -224,7 +225,7 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
                 "kind": group.kind,
                 "devices": h["devices_active"],
                 "method": h["method"],
-                "bandwidth_mbps": group.config.link.bandwidth_mbps,
+                "bandwidth_mbps": _finite(group.config.link.bandwidth_mbps),  # None: no limit
                 "latency_ms": group.config.link.latency_ms,
                 "context_length": group.context_length,
             },
@@ -392,6 +393,10 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
     app.state.runner = runner
     app.state.metrics = metrics
     return app
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _sse(obj: dict) -> dict:
