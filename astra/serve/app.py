@@ -276,6 +276,8 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
         def work():
             try:
                 for event in group.stream(ids, sampling, None, ticket.rid, ticket.queued_at):
+                    if isinstance(event, Completion):  # counted even if the client has left
+                        metrics.observe(event.record, path)
                     loop.call_soon_threadsafe(events.put_nowait, event)
             except Exception as exc:  # reported in the stream, as OpenAI does
                 loop.call_soon_threadsafe(events.put_nowait, exc)
@@ -300,7 +302,6 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
                     yield _sse(wire.error_body(str(event), "server_error", "device_failure"))
                     break
                 if isinstance(event, Completion):
-                    metrics.observe(event.record, path)
                     finish = wire.finish_reason(event.finish_reason)
                     if chat:
                         yield _sse(wire.chat_chunk(rid, name, {}, finish))
