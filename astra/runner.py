@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from astra.group.config import DTYPES, SEARCHES, QuantConfig
+from astra.group.config import DTYPES, SEARCHES, GroupConfig, QuantConfig
 from astra.hub import cache_dir, resolve_model
-from astra.models import KVCache, load_model, load_tokenizer, model_family
+from astra.models import KVCache, load_model, load_tokenizer, model_family, model_kind
 from astra.net.comm import Communicator
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
@@ -643,22 +643,14 @@ def ensure_codebooks(
 
 
 def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
+    """Every method of `config` on the same input and link, measured side by side: in one warm
+    device group (real processes, astra.group.Group) or in the composed mode."""
     model_dir = resolve_model(config.model)
     inputs, decoder, description = build_inputs(config, model_dir)
-    artefact = ensure_artefact(config, model_dir, progress) if "astra" in config.methods else None
-    family = model_family(model_dir)
-    class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
-    if artefact is not None:
-        class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
-    mode = config.resolved_mode()
-    records = []
-    for method in config.methods:
-        world = 1 if method == "single" else config.devices
-        job = job_for(config, method, world, model_dir, artefact, inputs, class_tokens, decoder)
-        log(f"running {method} on {world} device(s)...")
-        t0 = time.perf_counter()
-        records.append(run_method(job, world, "processes" if method == "single" else mode))
-        records[-1]["wall_s"] = round(time.perf_counter() - t0, 2)
+    if config.resolved_mode() == "processes":
+        records, artefact = _run_in_group(config, inputs, decoder, progress, log)
+    else:
+        records, artefact = _run_composed(config, model_dir, inputs, decoder, progress, log)
     single = next((r for r in records if r["method"] == "single"), None)
     for r in records:
         if single is not None:
@@ -687,6 +679,93 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
             if "generated_ids" in r:
                 r["completion"] = tokenizer.decode(r["generated_ids"])
     return summary
+
+
+def group_config_for(config: RunConfig, warmup_tokens: int = 128) -> GroupConfig:
+    """The device group a RunConfig describes (astra run in processes mode)."""
+    generating = [m for m in config.methods if m != "single"]
+    return GroupConfig(
+        model=config.model,
+        devices=config.devices,
+        method=generating[0] if generating else "single",
+        methods=tuple(config.methods),
+        link=LinkConfig(config.bandwidth_mbps, config.latency_ms, loss_rate=config.loss_rate),
+        quant=QuantConfig(
+            groups=config.groups,
+            codebook_size=config.codebook_size,
+            point=config.quant_point,
+            artefact=config.artefact,
+            search=config.search,
+        ),
+        dtype=config.dtype,
+        placement=config.placement,
+        exchange=config.exchange,
+        remote_cache=config.remote_cache,
+        overlap=config.overlap,
+        use_tables=config.use_tables,
+        start_timeout_s=config.timeout_s,
+        request_timeout_s=config.timeout_s,
+        peer_timeout_s=config.timeout_s,
+        warmup_tokens=warmup_tokens,
+    )
+
+
+def _run_in_group(config: RunConfig, inputs: dict, decoder: bool, progress: bool, log):
+    """Every method through one group of warm worker processes: single runs on device 0 of
+    the same processes, so no method pays a start-up the others do not."""
+    from astra.group import Group
+    from astra.sampling import Sampling
+
+    records = []
+    log(f"starting {config.devices} device(s) (load, codebooks, one warm-up pass per method)...")
+    with Group(group_config_for(config), progress, warmup_inputs=inputs) as group:
+        if group.degraded or group.devices != config.devices:
+            raise RuntimeError("the device group did not start on every device")
+        for method in config.methods:
+            log(f"running {method} on {1 if method == 'single' else config.devices} device(s)...")
+            t0 = time.perf_counter()
+            if decoder:
+                greedy = Sampling(max_tokens=config.new_tokens, temperature=0.0, ignore_eos=True)
+                ids = inputs["input_ids"][0].tolist()
+                out = group.generate(ids, greedy, method=method)
+                record = out.record.to_dict()
+                record["generated_ids"] = out.token_ids
+            else:
+                encoded = group.encode(inputs, method=method)
+                record = encoded.record.to_dict()
+                record["output"] = torch.tensor(encoded.vector)
+            record["wall_s"] = round(time.perf_counter() - t0, 2)
+            records.append(record)
+        return records, group.artefact
+
+
+def _run_composed(config: RunConfig, model_dir: Path, inputs, decoder, progress, log):
+    """Every method in the composed mode (more devices than cores; astra.net.lockstep)."""
+    artefact = ensure_artefact(config, model_dir, progress) if "astra" in config.methods else None
+    class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
+    quant = {}
+    if artefact is not None:
+        from astra.parallel.artefact import read_artefact
+
+        cfg = read_artefact(artefact, model_dir)["config"]
+        class_tokens = cfg["class_tokens"]
+        quant = {
+            "groups": cfg["num_groups"],
+            "codebook_size": cfg["codebook_size"],
+            "quant_point": cfg["quant_point"],
+        }
+    mode = config.resolved_mode()
+    records = []
+    for method in config.methods:
+        world = 1 if method == "single" else config.devices
+        job = job_for(config, method, world, model_dir, artefact, inputs, class_tokens, decoder)
+        log(f"running {method} on {world} device(s)...")
+        t0 = time.perf_counter()
+        records.append(run_method(job, world, "processes" if method == "single" else mode))
+        records[-1]["wall_s"] = round(time.perf_counter() - t0, 2)
+        if method == "astra":
+            records[-1].update(quant)
+    return records, artefact
 
 
 def under_torchrun() -> bool:

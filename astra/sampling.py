@@ -22,6 +22,7 @@ class Sampling:
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches top_p
     seed: int | None = None  # None: a fresh random draw per request
     stop: tuple[str, ...] = ()  # strings that end the completion (not included in it)
+    ignore_eos: bool = False  # keep drawing after end-of-sequence (benchmarks; vLLM's name)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

@@ -189,3 +189,23 @@ def test_decoding_with_codes_from_several_senders(tiny_llama_dir, tmp_path, monk
         if remote_cache == "codes":  # 32 remote tokens x 2 codes x 10 bits, 2 blocks
             assert row["kv_cache"]["remote_code_bytes"] == 2 * (32 * 20 // 8)
     assert generated["codes"] == generated["rebuilt"] and len(generated["codes"]) == 5
+
+
+def test_run_in_one_warm_group_of_processes(tiny_llama_dir, tmp_path, monkeypatch):
+    """Processes mode: every method through the same warm workers (astra.group.Group)."""
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=4,
+                       methods=("single", "astra", "sp-fp32"), mode="processes",
+                       bandwidth_mbps=float("inf"), latency_ms=0.0)
+    summary = run_inference(config, progress=False, log=lambda m: None)
+    rows = {r["method"]: r for r in summary["records"]}
+    assert rows["sp-fp32"]["generated_ids"] == rows["single"]["generated_ids"]
+    assert len(rows["astra"]["generated_ids"]) == 4  # ignore_eos: exactly new_tokens
+    assert rows["single"]["devices"] == 1 and rows["astra"]["devices"] == 2
+    astra = rows["astra"]
+    assert astra["tokens_per_device"] == [32, 32] and astra["mode"] == "processes"
+    assert max(astra["bytes_sent_per_device"]) == 2 * ((32 * 20 + 7) // 8)
+    # the record says which codebooks actually ran
+    assert (astra["groups"], astra["codebook_size"], astra["quant_point"]) == (1, 1024, "kv")
+    assert astra["kv_cache"]["remote_code_bytes"] == 2 * ((32 * 20) // 8)
+    assert "remote_attention" in astra["breakdown_ms"]

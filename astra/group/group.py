@@ -87,9 +87,15 @@ class _Members:
 
 
 class Group:
-    def __init__(self, config: GroupConfig, progress: bool = False) -> None:
+    def __init__(
+        self, config: GroupConfig, progress: bool = False, warmup_inputs: dict | None = None
+    ) -> None:
+        """warmup_inputs: a representative input ({"input_ids"} or {"pixels"}) for the untimed
+        warm-up passes (and the fitted placement); default: config.warmup_tokens of any tokens,
+        or a 224 px image."""
         self.config = config
         self.progress = progress
+        self.warmup_inputs = warmup_inputs
         self.model_dir = resolve_model(config.model)
         self.kind = model_kind(self.model_dir)  # "decoder", "text-encoder", "image-encoder"
         self.context_length = context_length(self.model_dir)
@@ -163,6 +169,8 @@ class Group:
         )
 
     def _warmup_inputs(self) -> dict:
+        if self.warmup_inputs is not None:
+            return self.warmup_inputs
         n = max(self.config.warmup_tokens, 2 * self.config.devices)
         if self.kind == "image-encoder":
             return {"pixels": torch.zeros(1, 3, 224, 224)}
@@ -345,7 +353,8 @@ class Group:
         """Chunks of text as the decode device draws tokens, then the Completion."""
         ids = self.encode_prompt(prompt)
         self.check_prompt(ids, sampling.max_tokens)
-        stop_ids = tuple(t for t in (self._eos_ids()) if t is not None)
+        eos = () if sampling.ignore_eos else self._eos_ids()
+        stop_ids = tuple(t for t in eos if t is not None)
         inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
         rid = request_id if request_id is not None else self.new_request_id()
         text = _Detokenizer(self.tokenizer, sampling.stop)
@@ -408,6 +417,15 @@ class Group:
         pixels = image_transform(self.model_dir)(image)[None]
         return self.encode({"pixels": pixels}, method)
 
+    def num_tokens(self, inputs: dict) -> int:
+        """Sequence length of an input: its tokens, or an image's patches plus the class
+        token."""
+        if "input_ids" in inputs:
+            return int(inputs["input_ids"].shape[1])
+        patch = int(read_config(self.model_dir)["patch_size"])
+        height, width = inputs["pixels"].shape[-2:]
+        return (height // patch) * (width // patch) + 1
+
     def new_request_id(self) -> int:
         return next(self._ids)
 
@@ -443,8 +461,7 @@ class Group:
         info = self._members.info if self._members else []
         if not info or "single" not in info[0].get("warmup_prefill_ms", {}):
             return None, None
-        warm_tokens = info[0]["warmup_tokens"]
-        scale = prompt_tokens / warm_tokens
+        scale = prompt_tokens / self.num_tokens(self._warmup_inputs())
         single_ms = info[0]["warmup_prefill_ms"]["single"] * scale
         per_rank = [i["warmup_prefill_ms"].get(method) for i in info]
         if any(t is None for t in per_rank):
@@ -465,7 +482,7 @@ class Group:
             problem = self._problem(self._members, set(range(self.devices)))
             if problem is not None:  # a device failed while the group was idle
                 self._reform(problem)
-            prompt_tokens = int(next(iter(inputs.values())).shape[1])
+            prompt_tokens = self.num_tokens(inputs)
             chosen, fallback = self._choose(method, prompt_tokens)
             item = WorkItem(
                 request_id=rid,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from astra.group.config import DTYPES
 from astra.models import KVCache, load_model
 from astra.net.comm import Communicator
-from astra.net.link import LinkConfig
+from astra.net.link import LinkConfig, LossModel
 from astra.parallel.engine import (
     build_rank_layout,
     build_sequence_layout,
@@ -177,7 +177,6 @@ def _warm_up(rank: int, world_size: int, comm, state: RankState) -> dict:
     state.placement = placement
     times: dict[str, float] = {}
     bytes_per_token: dict[str, float] = {}
-    num_tokens = int(next(iter(spec.warmup_inputs.values())).shape[-1])
     for method in spec.methods:
         item = WorkItem(request_id=-1, method=method, inputs=spec.warmup_inputs)
         for _ in range(2):  # the second pass is the warm one
@@ -189,7 +188,6 @@ def _warm_up(rank: int, world_size: int, comm, state: RankState) -> dict:
         "pid": os.getpid(),
         "warmup_prefill_ms": times,
         "warmup_bytes_per_token": bytes_per_token,  # of this device's own tokens
-        "warmup_tokens": num_tokens if "input_ids" in spec.warmup_inputs else None,
         "num_blocks": len(state.base.blocks),
     }
 
@@ -290,8 +288,16 @@ def _run_sequence_parallel(
     x_full = expand_class_tokens(x_full, seq.num_replicas)
     layout = build_rank_layout(seq, rank, world_size, state.causal)
     decode_rank = int(seq.device_of_token[-1])
+    # lost codes (--loss): the same tokens dropped as in the single-process simulation
+    loss = LossModel(item.link.loss_rate, seed=0) if item.link.loss_rate > 0 else None
     install_rank_attention(
-        model, state.codecs[item.method], layout, comm, spec.overlap, exchange=spec.exchange
+        model,
+        state.codecs[item.method],
+        layout,
+        comm,
+        spec.overlap,
+        loss=loss,
+        exchange=spec.exchange,
     )
     decodes = state.causal and item.max_new_tokens > 0 and rank == decode_rank
     for block in model.blocks:
@@ -311,6 +317,9 @@ def _run_sequence_parallel(
         with comm.stats.phase("output"):
             out["output"] = _encoder_output(model, hidden, layout, seq, comm)
     out["prefill_ms"] = (comm.now() - t0) * 1e3
+    out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+    if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
+        out["placement_cost"] = asdict(placement.cost)
     if decodes:
         for block in model.blocks:
             block.attn = DecodeAttention(block.attn, block.attn.capture, spec.remote_cache)
@@ -328,6 +337,12 @@ def _run_sequence_parallel(
     comm.wait_sends()  # streamed codes delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
+
+
+def _breakdown(model: nn.Module, total_ms: float) -> dict:
+    from astra.runner import _breakdown as breakdown
+
+    return breakdown(model, total_ms)
 
 
 def _cache_bytes(model: nn.Module) -> dict:
