@@ -32,6 +32,7 @@ class _Sampled(_Request):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1)  # one sequence per request through the group
+    ignore_eos: bool = False  # vLLM's extension: always draw max_tokens (benchmarks)
 
     def sampling(self, default_max_tokens: int) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -41,6 +42,7 @@ class _Sampled(_Request):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(stop),
+            ignore_eos=self.ignore_eos,
         )
 
     @property
