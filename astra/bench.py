@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from astra.hub import resolve_model
-from astra.models import load_model, model_family
+from astra.methods import METHODS, SEQUENCE_PARALLEL_METHODS
+from astra.models import load_model, model_family, model_kind
 from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
@@ -43,9 +44,10 @@ from astra.runner import (
     embed_inputs,
     run_ranks,
     search_dtype,
+    summarize,
 )
 
-BENCH_METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp", "pp", "bp")
+BENCH_METHODS = tuple(METHODS)  # every method in astra.methods, prefill-only baselines too
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Pa
 def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dict]:
     model_dir = resolve_model(config.model)
     family = model_family(model_dir)
-    decoder = family in ("llama", "gpt2")
+    decoder = model_kind(model_dir) == "decoder"
     resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, first
     tmp = Path(tempfile.mkdtemp(prefix="astra-bench-"))
     base = load_model(model_dir)
@@ -205,7 +207,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
     config, model_dir, family, decoder = setup.config, setup.model_dir, setup.family, setup.decoder
     base, tmp, artefacts, log = setup.base, setup.tmp, setup.artefacts, setup.log
     artefact = None
-    class_tokens = "distributed" if family in ("vit", "dinov2") else "none"
+    class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
     astra_config = AstraConfig(
         quant_point=config.quant_point or ("kv" if family == "llama" else "hidden"),
         num_groups=config.groups,
@@ -214,7 +216,12 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
     )
     if method == "astra":
         if config.artefact:
+            from astra.parallel.artefact import read_artefact
+
             artefact = Path(config.artefact)
+            # the record says which codebooks ran: the artefact's, not the flags'
+            astra_config = AstraConfig(**read_artefact(artefact, model_dir)["config"])
+            class_tokens = astra_config.class_tokens
         elif tokens not in artefacts:
             artefacts[tokens] = timing_artefact(
                 model_dir, astra_config, inputs, tmp / f"timing-{tokens}.pt"
@@ -256,23 +263,29 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
             "bandwidth_mbps": bw,
             "skipped": str(cause),
         }
-    record = _record(
-        config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
-    )
+    record = _record(config, job, world, tokens, bw, results, family, astra_config, decoder)
     record["wall_s"] = round(time.perf_counter() - t0, 2)
     return record
 
 
-def _record(
-    config, method, world, tokens, bw, results, family, astra_config, artefact, decoder
-) -> dict:
+def _record(config, job, world, tokens, bw, results, family, astra_config, decoder) -> dict:
+    """The shared record (astra.group.records) plus the bench's columns: the slowest
+    device's totals, the link, the exchange and where the codebooks came from."""
+    method, artefact = job.method, job.artefact
     # stats were reset right before the timed pass: the totals are that pass (the baselines
     # file their traffic under their own phases, e.g. tp.attn, pp, bp.sync)
+    shared = summarize(job, results, world, config.mode)
+    if method == "astra":
+        shared.update(
+            groups=astra_config.num_groups,
+            codebook_size=astra_config.codebook_size,
+            quant_point=astra_config.quant_point,
+        )
     prefill = [r["comm"] for r in results]
     total = max(r["prefill_ms"] for r in results)
     slowest = max(range(len(results)), key=lambda i: results[i]["prefill_ms"])
     comm_ms = prefill[slowest]["comm_ms"]
-    return {
+    return shared | {
         "method": method,
         "model": config.model,
         "family": family,
@@ -305,7 +318,7 @@ def _record(
         "placement_cost": results[0].get("placement_cost"),  # balanced: the fitted costs
         "exchange": (
             resolve_exchange(config.exchange, decoder)
-            if method in ("astra", "sp-fp32", "sp-fp16")
+            if method in SEQUENCE_PARALLEL_METHODS
             else None
         ),
         "codebooks": (

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from astra.group.config import DTYPES, SEARCHES, GroupConfig, QuantConfig
+from astra.group.records import record_from_ranks
 from astra.hub import cache_dir, resolve_model
-from astra.models import KVCache, load_model, load_tokenizer, model_family, model_kind
+from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS
+from astra.models import KVCache, load_model, load_tokenizer, model_kind, num_input_tokens
 from astra.net.comm import Communicator
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
@@ -50,8 +52,8 @@ from astra.parallel.runtime import (
 )
 from astra.parallel.simulate import effective_class_tokens
 
-METHODS = ("single", "astra", "sp-fp32", "sp-fp16")
-BASELINES = ("tp", "pp", "bp")  # prefill-only baselines (astra bench)
+METHODS = GENERATING_METHODS  # astra run: the methods that produce tokens (astra.methods)
+BASELINES = PREFILL_ONLY_METHODS  # tp, pp, bp: prefill-only baselines (astra bench)
 MODES = ("auto", "processes", "composed")
 
 
@@ -539,45 +541,28 @@ def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
 
 
 def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict:
-    ttft = max(r["ttft_ms"] for r in results if "ttft_ms" in r)
-    comm = [r["comm"] for r in results]
-    prefill = [c.get("phases", {}).get("prefill", c) for c in comm]
-    record = {
-        "method": job.method,
-        "devices": world_size if job.method != "single" else 1,
-        "dtype": job.dtype,
-        "search": job.search if job.method == "astra" else None,
-        "mode": mode if job.method != "single" else "processes",
-        "ttft_ms": ttft,
-        "tpot_ms": next((r["tpot_ms"] for r in results if "tpot_ms" in r), None),
-        "bytes_sent_per_device": [int(c["bytes_sent"]) for c in comm],
-        "bytes_received_per_device": [int(c["bytes_received"]) for c in comm],
-        "comm_ms_per_device": [round(p["comm_ms"], 2) for p in prefill],
-        "wait_ms_per_device": [round(p["wait_ms"], 2) for p in prefill],
-        "compute_ms_per_device": [
-            round(r["prefill_ms"] - p["comm_ms"], 2) for r, p in zip(results, prefill)
-        ],
-        "tokens_per_device": [r["tokens"] for r in results],
-        "lost_remote_tokens_per_device": [r.get("lost_remote_tokens", 0) for r in results],
-    }
-    if "placement_cost" in results[0]:
-        record["placement_cost"] = results[0]["placement_cost"]
-    gen = next((r["generated"] for r in results if "generated" in r), None)
-    if gen is not None:
-        record["generated_ids"] = gen
-    out = next((r["output"] for r in results if "output" in r), None)
-    if out is not None:
-        record["output"] = out
-    cache = next((r["kv_cache"] for r in results if "kv_cache" in r), None)
-    if cache is not None:
-        record["kv_cache"] = cache
+    """Every rank's statistics as the one result record (astra.group.records), as a dict."""
+    record = record_from_ranks(
+        job.method,
+        results,
+        mode=mode if job.method != "single" else "processes",
+        dtype=job.dtype,
+        search=job.search,
+        prompt_tokens=num_input_tokens(job.model_dir, job.inputs),
+    ).to_dict()
+    for key, value in (
+        ("generated_ids", next((r["generated"] for r in results if "generated" in r), None)),
+        ("output", next((r["output"] for r in results if "output" in r), None)),
+    ):
+        if value is not None:
+            record[key] = value
     return record
 
 
 def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
     """The built-in input for the model's family: (inputs, is_decoder, description)."""
-    family = model_family(model_dir)
-    if family in ("vit", "dinov2"):
+    kind = model_kind(model_dir)
+    if kind == "image-encoder":
         from astra.datasets import sample_photos
         from astra.models import image_transform
 
@@ -587,11 +572,11 @@ def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
     tokenizer = load_tokenizer(model_dir)
     if config.prompt is not None:
         ids = tokenizer(config.prompt, return_tensors="pt")["input_ids"][:, : config.tokens]
-        return {"input_ids": ids}, family in ("llama", "gpt2"), "the given prompt"
+        return {"input_ids": ids}, kind == "decoder", "the given prompt"
     from astra.datasets import austen_text, token_blocks
 
     ids = token_blocks(tokenizer, austen_text("test"), config.tokens, 1)
-    return {"input_ids": ids}, family in ("llama", "gpt2"), "held-out Austen text"
+    return {"input_ids": ids}, kind == "decoder", "held-out Austen text"
 
 
 def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -> Path:

@@ -38,14 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prompts(model: str, n: int, tokens: int) -> list[str]:
-    """n different held-out Austen passages of `tokens` tokens each, as text."""
+    """n different Austen passages of `tokens` tokens each, as text: the held-out test and
+    validation parts first, then the training part (SmolLM2 was not trained on our splits)."""
     from astra.datasets import austen_text, token_blocks
     from astra.hub import resolve_model
     from astra.models import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_model(model))
-    blocks = token_blocks(tokenizer, austen_text("test"), tokens, n)
-    return [tokenizer.decode(row) for row in blocks.tolist()]
+    rows: list[list[int]] = []
+    for split in ("test", "val", "train"):
+        if len(rows) < n:
+            rows += token_blocks(tokenizer, austen_text(split), tokens, n - len(rows)).tolist()
+    return [tokenizer.decode(row) for row in rows]
 
 
 class Server:
@@ -177,7 +181,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--requests", type=int, default=100, help="requests per configuration")
+    p.add_argument("--requests", type=int, default=120, help="requests per configuration")
     p.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=16)

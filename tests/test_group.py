@@ -150,3 +150,19 @@ def test_a_killed_device_fails_the_request_in_flight_and_the_group_reforms(tiny_
         out = g.generate("The cat sat", GREEDY)  # the next request is served, on one device
         assert out.record.method == "single" and out.record.degraded
         assert out.record.requested_method == "sp-fp32"
+
+
+def test_fallback_auto_runs_one_device_when_the_link_makes_the_group_slower(tiny_llama_dir):
+    def served_by(latency_ms: float) -> tuple[str, bool]:
+        config = GroupConfig(
+            model=str(tiny_llama_dir), devices=2, method="sp-fp32", methods=("single", "sp-fp32"),
+            link=LinkConfig(latency_ms=latency_ms), fallback="auto", warmup_tokens=64,
+        )
+        with Group(config) as g:
+            single_ms, group_ms = g.estimate_ms("sp-fp32", 64)
+            assert single_ms > 0 and group_ms > 0
+            record = g.generate([5] * 64, GREEDY).record
+            return record.method, record.fallback
+
+    # a second per message: two devices can never beat one on a tiny model
+    assert served_by(1000.0) == ("single", True)

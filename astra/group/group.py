@@ -33,7 +33,14 @@ from astra.group.config import GroupConfig
 from astra.group.records import RequestRecord, record_from_ranks
 from astra.group.worker import WorkerSpec, WorkItem, serve_rank
 from astra.hub import resolve_model
-from astra.models import context_length, image_transform, load_tokenizer, model_kind, read_config
+from astra.models import (
+    context_length,
+    image_transform,
+    load_tokenizer,
+    model_kind,
+    num_input_tokens,
+    read_config,
+)
 from astra.net.launch import mp_context, start_ranks, stop_ranks
 from astra.sampling import Sampling
 
@@ -418,13 +425,7 @@ class Group:
         return self.encode({"pixels": pixels}, method)
 
     def num_tokens(self, inputs: dict) -> int:
-        """Sequence length of an input: its tokens, or an image's patches plus the class
-        token."""
-        if "input_ids" in inputs:
-            return int(inputs["input_ids"].shape[1])
-        patch = int(read_config(self.model_dir)["patch_size"])
-        height, width = inputs["pixels"].shape[-2:]
-        return (height // patch) * (width // patch) + 1
+        return num_input_tokens(self.model_dir, inputs)
 
     def new_request_id(self) -> int:
         return next(self._ids)

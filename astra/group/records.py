@@ -63,7 +63,10 @@ def record_from_ranks(
         mode=mode,
         dtype=dtype,
         search=search if method == "astra" else None,
-        ttft_ms=max(r.get("ttft_ms", r.get("prefill_ms", 0.0)) for r in results),
+        # decoders: the device that drew the first token; encoders: the last device done
+        ttft_ms=max(r["ttft_ms"] for r in results if "ttft_ms" in r)
+        if any("ttft_ms" in r for r in results)
+        else max(r["prefill_ms"] for r in results),
         tpot_ms=first.get("tpot_ms"),
         prompt_tokens=prompt_tokens,
         completion_tokens=len(first.get("generated", [])),

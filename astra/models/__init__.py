@@ -19,6 +19,7 @@ from astra.models.loading import (
     load_tokenizer,
     model_family,
     model_kind,
+    num_input_tokens,
     read_config,
     read_state_dict,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "mean_pool",
     "model_family",
     "model_kind",
+    "num_input_tokens",
     "padding_mask",
     "read_config",
     "read_state_dict",

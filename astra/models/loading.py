@@ -134,6 +134,15 @@ def context_length(path_or_config: str | Path | dict) -> int | None:
     return None
 
 
+def num_input_tokens(path_or_config: str | Path | dict, inputs: dict) -> int:
+    """Sequence length of an input: its tokens, or an image's patches plus the class token."""
+    if "input_ids" in inputs:
+        return int(inputs["input_ids"].shape[1])
+    patch = int(read_config(path_or_config)["patch_size"])
+    height, width = inputs["pixels"].shape[-2:]
+    return (height // patch) * (width // patch) + 1
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
