@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -144,12 +145,15 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     # each repeat runs every plan entry once and the methods of one repeat are side by side.
     runs: list[list[dict]] = [[] for _ in plan]
     bar = tqdm(total=len(plan) * config.repeats, desc="bench", disable=not progress)
-    for repeat in range(config.repeats):
-        for i, (tokens, inputs, n, bw, method) in enumerate(plan):
-            bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens} #{repeat + 1}")
-            runs[i].append(_run_one(setup, tokens, inputs, n, bw, method))
-            bar.update()
-    bar.close()
+    try:
+        for repeat in range(config.repeats):
+            for i, (tokens, inputs, n, bw, method) in enumerate(plan):
+                bar.set_postfix_str(f"{method} x{n} {bw:g}mbit T={tokens} #{repeat + 1}")
+                runs[i].append(_run_one(setup, tokens, inputs, n, bw, method))
+                bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # timing codebooks: ~100 MB per token count
     records = [_median_record(r) for r in runs]
     singles = {r["tokens"]: r for r in records if r["method"] == "single" and "total_ms" in r}
     for r in records:

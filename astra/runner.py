@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -51,6 +52,9 @@ from astra.parallel.runtime import (
     use_causal_kernel_,
 )
 from astra.parallel.simulate import effective_class_tokens
+
+if TYPE_CHECKING:
+    from astra.net.protocol import Comm
 
 METHODS = GENERATING_METHODS  # astra run: the methods that produce tokens (astra.methods)
 BASELINES = PREFILL_ONLY_METHODS  # tp, pp, bp: prefill-only baselines (astra bench)
@@ -233,7 +237,7 @@ def to_compute_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
-def rank_main(rank: int, world_size: int, comm, job: Job) -> dict:
+def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
     """One device's whole job: warm up, timed prefill, then decode on the last token's device."""
     model, quantizers = _load(job)
     now = comm.now

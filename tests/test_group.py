@@ -166,3 +166,26 @@ def test_fallback_auto_runs_one_device_when_the_link_makes_the_group_slower(tiny
 
     # a second per message: two devices can never beat one on a tiny model
     assert served_by(1000.0) == ("single", True)
+
+
+def test_a_frozen_device_is_named_and_the_group_carries_on(tiny_llama_dir):
+    import os
+    import signal
+
+    config = GroupConfig(
+        model=str(tiny_llama_dir), devices=2, method="sp-fp32", methods=("single", "sp-fp32"),
+        link=LinkConfig(), warmup_tokens=16, peer_timeout_s=4,
+    )
+    with Group(config) as g:
+        frozen = g.health()["pids"][1]
+        os.kill(frozen, signal.SIGSTOP)  # the OS stops it: alive, silent
+        try:
+            with pytest.raises(GroupError, match=rf"device 1 \(pid {frozen}, stopped \(SIGSTOP\)"):
+                g.generate("It was the best of times", GREEDY)
+            out = g.generate("It was the best of times", GREEDY)
+            assert out.record.degraded and out.record.method == "single"
+        finally:
+            try:
+                os.kill(frozen, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

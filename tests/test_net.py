@@ -288,3 +288,25 @@ def test_spawn_overall_timeout():
     with pytest.raises(WorkerFailure, match=r"timed out after 1\.5s; ranks \[0, 1\] had not"):
         spawn(_sleeping_job, 2, timeout_s=1.5)
     assert time.monotonic() - t0 < 15  # first launch may include the fork server's torch import
+
+
+def test_both_communicators_follow_the_protocol_and_share_the_link_model():
+    """The real and the composed-mode communicator: one protocol, one Uplink model."""
+    from astra.net.comm import Communicator
+    from astra.net.link import LinkConfig, Uplink
+    from astra.net.lockstep import LockstepComm, LockstepGroup
+    from astra.net.protocol import Comm
+
+    lockstep = LockstepComm(LockstepGroup(2, LinkConfig(10.0, 20.0)), rank=0)
+    assert isinstance(lockstep, Comm)
+    for name in ("start_all_gather_bytes", "send_tensor", "recv_tensor", "wait_sends", "now"):
+        assert callable(getattr(Communicator, name)), name
+    assert isinstance(lockstep.uplink, Uplink)
+    # the uplink queues: a second 1.25 MB message starts when the first has left (1 s at 10 Mbit/s)
+    up = Uplink(LinkConfig(10.0, 20.0))
+    assert up.reserve(0.0, 1_250_000) == 0.0
+    assert up.reserve(0.5, 1_250_000) == pytest.approx(1.0)
+    assert up.arrival_s(1.0, 1_250_000, "p2p", 4) == pytest.approx(1.0 + 0.02 + 1.0)
+    assert up.arrival_s(0.0, 1_250_000, "all_gather", 4) == pytest.approx(0.02 + 3.0)
+    lockstep.link = LinkConfig(100.0, 0.0)  # a new link for the next messages (a trace)
+    assert lockstep.uplink.link.bandwidth_mbps == 100.0

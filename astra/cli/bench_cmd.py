@@ -52,13 +52,14 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--devices",
         type=int_list,
-        default=[2, 4],
-        help="comma-separated device counts (default 2,4)",
+        default=None,
+        help="comma-separated device counts (default 2,4; with --trace one count, default 4)",
     )
     p.add_argument(
         "--bandwidths",
-        default="10mbit,100mbit,1gbit",
-        help="comma-separated per-device uplink rates (default 10mbit,100mbit,1gbit)",
+        default=None,
+        help="comma-separated per-device uplink rates (default 10mbit,100mbit,1gbit; with "
+        "--trace the trace's own rates are used)",
     )
     p.add_argument(
         "--latency",
@@ -137,6 +138,50 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         help="run every entry this many times, interleaved (all methods, then all again); "
         "records keep the median pass and each repeat's side-by-side speed-up (default 1)",
     )
+    trace = p.add_argument_group(
+        "dynamic bandwidth (the paper's Fig. 11)",
+        "--trace replays a bandwidth trace under a closed-loop client and counts the requests "
+        "each method serves: every method is measured at the trace's rates and fitted as "
+        "compute + bytes/bandwidth (astra/trace.py says how)",
+    )
+    trace.add_argument(
+        "--trace",
+        default=None,
+        metavar="markov|FILE.csv",
+        help="markov: the paper's synthetic chain between 20 and 100 Mbit/s (seeded); or a CSV "
+        "of time,mbps rows",
+    )
+    trace.add_argument(
+        "--duration",
+        type=float,
+        default=120.0,
+        help="seconds of trace to replay (default 120; the paper: 600)",
+    )
+    trace.add_argument("--trace-seed", type=int, default=0, help="markov trace seed (default 0)")
+    trace.add_argument(
+        "--groups-set",
+        type=int_list,
+        default=None,
+        help="ASTRA runs once per G, e.g. 1,16,32 (default: --groups)",
+    )
+    trace.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="also pick G per request: the richest G whose predicted time at the bandwidth "
+        "the previous request saw is within --tolerance of the cheapest allowed G's",
+    )
+    trace.add_argument(
+        "--min-groups",
+        type=positive_int,
+        default=1,
+        help="adaptive: the quality floor, never fewer groups than this (default 1)",
+    )
+    trace.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="adaptive: allowed slowdown over the cheapest G (default 0.05)",
+    )
     p.add_argument(
         "--out",
         default="benchmarks/results/bench",
@@ -148,30 +193,15 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if args.trace is not None:
+        return run_trace(args)
     try:
-        bandwidths = tuple(bandwidth_arg(b) for b in args.bandwidths.split(",") if b.strip())
-        config = BenchConfig(
-            model=args.model,
-            devices=tuple(args.devices),
-            bandwidths_mbps=bandwidths,
-            latency_ms=args.latency,
-            tokens=tuple(args.tokens),
-            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-            groups=args.groups,
-            codebook_size=args.codebook_size,
-            quant_point=args.point,
-            artefact=args.artefact,
-            mode=args.mode,
-            placement=args.placement,
-            pp_chunks=args.pp_chunks,
-            bp_syncs=args.bp_syncs,
-            overlap=not args.no_overlap,
-            exchange=args.exchange,
-            use_tables=args.tables,
-            repeats=args.repeats,
-            dtype=args.dtype,
-            search=args.search,
+        bandwidths = tuple(
+            bandwidth_arg(b)
+            for b in (args.bandwidths or "10mbit,100mbit,1gbit").split(",")
+            if b.strip()
         )
+        config = bench_config(args, bandwidths, tuple(args.devices or [2, 4]))
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
         return fail(str(exc))
@@ -180,3 +210,63 @@ def run(args) -> int:
     print(Path(paths[1]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def run_trace(args) -> int:
+    from astra.trace import markov_trace, read_trace_csv
+    from astra.trace_bench import TraceBenchConfig, run_trace_bench, write_trace_outputs
+
+    try:
+        if args.bandwidths is not None:
+            raise ValueError("--bandwidths does nothing with --trace: the trace sets the rates")
+        if not args.duration > 0 or args.duration == float("inf"):
+            raise ValueError(
+                f"--duration must be a positive number of seconds, got {args.duration}"
+            )
+        if args.trace == "markov":
+            trace = markov_trace(args.duration, seed=args.trace_seed)
+        else:
+            trace = read_trace_csv(args.trace, args.duration)
+        devices = tuple(args.devices or [4])
+        bench = bench_config(args, (1.0,), devices)
+        config = TraceBenchConfig(
+            bench=bench,
+            groups_set=tuple(args.groups_set or [args.groups]),
+            adaptive=args.adaptive,
+            min_groups=args.min_groups,
+            tolerance=args.tolerance,
+        )
+        result = run_trace_bench(config, trace)
+    except (argparse.ArgumentTypeError, *user_errors()) as exc:
+        return fail(str(exc))
+    command = "astra " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = Path(args.out if args.out != "benchmarks/results/bench" else "benchmarks/results/trace")
+    paths = write_trace_outputs(result, out, command)
+    print(Path(paths[1]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def bench_config(args, bandwidths: tuple[float, ...], devices: tuple[int, ...]) -> BenchConfig:
+    return BenchConfig(
+        model=args.model,
+        devices=devices,
+        bandwidths_mbps=bandwidths,
+        latency_ms=args.latency,
+        tokens=tuple(args.tokens),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        groups=args.groups,
+        codebook_size=args.codebook_size,
+        quant_point=args.point,
+        artefact=args.artefact,
+        mode=args.mode,
+        placement=args.placement,
+        pp_chunks=args.pp_chunks,
+        bp_syncs=args.bp_syncs,
+        overlap=not args.no_overlap,
+        exchange=args.exchange,
+        use_tables=args.tables,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        search=args.search,
+    )

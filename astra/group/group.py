@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -173,6 +174,7 @@ class Group:
             search=c.quant.search,
             peer_timeout_s=c.peer_timeout_s,
             warmup_inputs=self._warmup_inputs(),
+            owner_pid=os.getpid(),
         )
 
     def _warmup_inputs(self) -> dict:
@@ -232,7 +234,9 @@ class Group:
             if proc.exitcode is not None and rank in waiting:
                 return f"device {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
             silent = now - members.beats[rank]
-            if silent > self.config.peer_timeout_s:
+            # half the collective timeout: a frozen device is named by its silence before
+            # its peers' collectives time out waiting for it (and blame each other)
+            if silent > max(1.0, self.config.peer_timeout_s / 2):
                 state = _process_state(proc.pid)
                 return (
                     f"device {rank} (pid {proc.pid}{', ' + state if state else ''}) stopped "
@@ -521,7 +525,11 @@ class Group:
                 elif kind == "done":
                     results[rank] = msg[3]
                 elif kind == "error":
-                    self._fail(f"device {rank} failed during request {rid}: {msg[3]}")
+                    # a peer's failure often surfaces first as this device's broken
+                    # collective: give the cause a moment to show, and name it instead
+                    time.sleep(0.2)
+                    cause = self._problem(members, set(range(self.devices)) - {rank})
+                    self._fail(cause or f"device {rank} failed during request {rid}: {msg[3]}")
             record = self._record(chosen, results, prompt_tokens)
             record.queue_ms = round(queue_ms, 2)
             record.total_ms = round((time.perf_counter() - started) * 1e3, 2)

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from astra.parallel.runtime import DecodeAttention, restore_attention_, use_caus
 from astra.parallel.simulate import effective_class_tokens
 from astra.sampling import Sampler, Sampling
 
+if TYPE_CHECKING:
+    from astra.net.protocol import Comm
+
 HEARTBEAT_S = 0.25  # how often each worker stamps its slot in the shared heartbeat array
 
 
@@ -60,6 +63,7 @@ class WorkerSpec:
     search: str
     peer_timeout_s: float
     warmup_inputs: dict  # a short input of the model's kind, for the untimed warm-up passes
+    owner_pid: int  # the process that owns the group: the workers end when it does
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def serve_rank(
     beats: Any,
 ) -> None:
     """A worker's whole life: load, warm up, report ready, run items until None arrives."""
-    _start_heartbeat(beats, rank)
+    _start_heartbeat(beats, rank, spec.owner_pid)
     inbox = inboxes[rank]
     try:
         state = RankState(spec)
@@ -147,13 +151,19 @@ def serve_rank(
         outbox.put(("done", rank, item.request_id, stats))
 
 
-def _start_heartbeat(beats: Any, rank: int) -> None:
+def _start_heartbeat(beats: Any, rank: int, owner_pid: int) -> None:
     """Stamp time.time() into beats[rank] from a daemon thread: a process the OS stopped
-    (SIGSTOP) or that hangs outside Python's reach stops stamping, which the parent notices."""
+    (SIGSTOP) or that hangs outside Python's reach stops stamping, which the parent notices.
+    The same thread ends this process when the group's owner is gone (killed with SIGKILL or
+    SIGTERM, it could not stop its workers): no device outlives its server."""
 
     def beat() -> None:
         while True:
             beats[rank] = time.time()
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
             time.sleep(HEARTBEAT_S)
 
     threading.Thread(target=beat, name="astra-heartbeat", daemon=True).start()
@@ -199,7 +209,9 @@ def embed(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_item(rank: int, world_size: int, comm, state: RankState, item: WorkItem, emit, cancelled):
+def run_item(
+    rank: int, world_size: int, comm: Comm, state: RankState, item: WorkItem, emit, cancelled
+):
     """This rank's part of one request; None when the method leaves this rank out."""
     if item.method == "single" or world_size == 1:
         if rank != 0:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from astra.net.link import LinkConfig
+from astra.net.link import LinkConfig, Uplink
 
 _HEADER_WORDS = 4  # int64: op code, sequence number, payload bytes, send time (ns since epoch)
 _HEADER_BYTES = _HEADER_WORDS * 8
@@ -146,7 +146,7 @@ class Communicator:
         self, group: dist.ProcessGroup, link: LinkConfig | None = None, timeout_s: float = 60.0
     ) -> None:
         self.group = group
-        self.link = link if link is not None else LinkConfig()
+        self.uplink = Uplink(link if link is not None else LinkConfig())
         self.timeout_s = float(timeout_s)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -156,8 +156,15 @@ class Communicator:
         self._capacity = 0  # payload slot size agreed by all ranks (= last round's largest payload)
         self._seq = 0  # collective sequence number, identical on all ranks
         self._p2p_seq: dict[tuple[int, int], int] = {}  # (src, dst) -> sequence number
-        self._uplink_free_s = 0.0  # time.time() at which this rank's uplink is idle again
         self._pending_sends: list[tuple] = []  # (work, buffer, dst) of send_tensor in flight
+
+    @property
+    def link(self) -> LinkConfig:
+        return self.uplink.link
+
+    @link.setter
+    def link(self, link: LinkConfig) -> None:  # a new link for the next messages (a trace)
+        self.uplink.link = link
 
     # ---- all-gather of bytes -------------------------------------------------------------
 
@@ -377,7 +384,9 @@ class Communicator:
         emulated_s = 0.0
         if not self.link.is_ideal:
             emulated_s = max(
-                0.0, send_ns * 1e-9 + self.link.transfer_time_s(num_bytes, 1) - time.time()
+                0.0,
+                self.uplink.arrival_s(send_ns * 1e-9, num_bytes, "p2p", self.world_size)
+                - time.time(),
             )
             if emulated_s > 0:
                 time.sleep(emulated_s)
@@ -404,19 +413,11 @@ class Communicator:
 
     def _reserve_uplink(self, num_bytes_on_wire: float) -> float:
         """Queue num_bytes_on_wire on this rank's uplink; returns when it starts (time.time())."""
-        now = time.time()
-        if self.link.is_ideal:
-            return now
-        start = max(now, self._uplink_free_s)
-        self._uplink_free_s = start + self.link.serialization_time_s(num_bytes_on_wire, 1)
-        return start
+        return self.uplink.reserve(time.time(), num_bytes_on_wire)
 
     def _arrival_s(self, op: int, send_ns: int, num_bytes: int) -> float:
-        if op == _OP_ALL_REDUCE:
-            cost = self.link.ring_all_reduce_time_s(num_bytes, self.world_size)
-        else:
-            cost = self.link.transfer_time_s(num_bytes, self.world_size - 1)
-        return send_ns * 1e-9 + cost
+        kind = "all_reduce" if op == _OP_ALL_REDUCE else "all_gather"
+        return self.uplink.arrival_s(send_ns * 1e-9, num_bytes, kind, self.world_size)
 
     def _call(self, op_name: str, issue):
         try:

@@ -150,6 +150,36 @@ class LinkConfig:
         return steps * self.transfer_time_s(num_bytes / world_size, 1)
 
 
+class Uplink:
+    """One device's emulated uplink: the link model both communicators share (real processes,
+    astra.net.comm; the composed mode, astra.net.lockstep), so the two cannot drift apart.
+
+    Messages queue behind each other on the uplink (`reserve`), then each reaches its peers at
+    start + latency + peers * bytes * 8 / bandwidth (`arrival_s`; LinkConfig's model). Times are
+    seconds on whatever clock the caller keeps: wall time for real processes, virtual time in
+    the composed mode. `link` may change between requests (a bandwidth trace); the queue stays.
+    """
+
+    def __init__(self, link: LinkConfig) -> None:
+        self.link = link
+        self.free_s = 0.0  # when everything queued so far has left the uplink
+
+    def reserve(self, now_s: float, num_bytes_on_wire: float) -> float:
+        """Queue num_bytes_on_wire (already multiplied by the number of unicasts); returns the
+        moment the uplink starts pushing them."""
+        start = max(now_s, self.free_s)
+        self.free_s = start + self.link.serialization_time_s(num_bytes_on_wire, 1)
+        return start
+
+    def arrival_s(self, send_s: float, num_bytes: float, op: str, world_size: int) -> float:
+        """When a message of num_bytes sent at send_s has arrived everywhere it goes:
+        op "all_gather" (N-1 unicasts), "all_reduce" (a ring) or "p2p" (one peer)."""
+        if op == "all_reduce":
+            return send_s + self.link.ring_all_reduce_time_s(num_bytes, world_size)
+        peers = world_size - 1 if op == "all_gather" else 1
+        return send_s + self.link.transfer_time_s(num_bytes, peers)
+
+
 def _derive_seed(*parts: object) -> int:
     """A 63-bit seed from arbitrary parts, identical in every process (unlike hash())."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from astra.net.comm import CommStats, PeerFailure, as_bytes, from_bytes
-from astra.net.link import LinkConfig
+from astra.net.link import LinkConfig, Uplink
 
 
 @dataclass
@@ -114,10 +114,9 @@ class LockstepComm:
         self.group = group
         self.rank = rank
         self.world_size = group.world_size
-        self.link = group.link
+        self.uplink = Uplink(group.link)
         self.stats = CommStats()
         self._seq = 0
-        self._uplink_free_s = 0.0
         self._segment_start = time.thread_time()
 
     # -- virtual time -----------------------------------------------------------------------
@@ -141,11 +140,16 @@ class LockstepComm:
             self.group.wait_turn(self.rank)
             progressed = False  # woke up only to find we still cannot go on
 
+    @property
+    def link(self) -> LinkConfig:
+        return self.uplink.link
+
+    @link.setter
+    def link(self, link: LinkConfig) -> None:
+        self.uplink.link = link
+
     def _reserve_uplink(self, num_bytes_on_wire: float) -> float:
-        now = self.group.clock_s[self.rank]
-        start = max(now, self._uplink_free_s)
-        self._uplink_free_s = start + self.link.serialization_time_s(num_bytes_on_wire, 1)
-        return start
+        return self.uplink.reserve(self.group.clock_s[self.rank], num_bytes_on_wire)
 
     def _advance_to(self, arrival_s: float) -> float:
         clock = self.group.clock_s
@@ -175,11 +179,8 @@ class LockstepComm:
         for j, msg in coll.messages.items():
             if j == self.rank:
                 continue
-            if coll.op == "all_reduce":
-                cost = self.link.ring_all_reduce_time_s(msg.payload.numel(), n)
-            else:
-                cost = self.link.transfer_time_s(msg.payload.numel(), n - 1)
-            arrivals.append(msg.send_s + cost)
+            op = "all_reduce" if coll.op == "all_reduce" else "all_gather"
+            arrivals.append(self.uplink.arrival_s(msg.send_s, msg.payload.numel(), op, n))
         waited = self._advance_to(max(arrivals, default=0.0))
         received = sum(m.payload.numel() for j, m in coll.messages.items() if j != self.rank)
         if coll.op == "all_reduce":
@@ -229,7 +230,7 @@ class LockstepComm:
         self._block_until(lambda: len(box) > 0)
         msg = box.pop(0)
         num_bytes = msg.payload.numel() * msg.payload.element_size()
-        waited = self._advance_to(msg.send_s + self.link.transfer_time_s(num_bytes, 1))
+        waited = self._advance_to(self.uplink.arrival_s(msg.send_s, num_bytes, "p2p", 2))
         self.stats.add(
             comm_ms=waited * 1e3,
             wait_ms=waited * 1e3,

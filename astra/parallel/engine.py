@@ -9,6 +9,7 @@ distributed replicas are local and never sent; a single class token lives on ran
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,9 @@ from torch import Tensor, nn
 from astra.parallel.codecs import CodesCodec, FloatCodec
 from astra.parallel.placement import PlacementConfig, assign_tokens
 from astra.parallel.runtime import RankAttention, RankLayout
+
+if TYPE_CHECKING:
+    from astra.net.protocol import Comm
 
 SP_METHODS = {"astra": None, "sp-fp32": torch.float32, "sp-fp16": torch.float16}
 
@@ -85,7 +89,7 @@ def install_rank_attention(
     model: nn.Module,
     codecs: list,
     layout: RankLayout,
-    comm,
+    comm: Comm,
     overlap=True,
     loss=None,
     exchange: str = "auto",

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astra.models.attention import Attention, causal_mask
+
+if TYPE_CHECKING:
+    from astra.net.protocol import Comm
 
 
 @dataclass
@@ -86,7 +90,7 @@ class RankAttention(nn.Module):
         inner: Attention,
         codec,
         layout: RankLayout,
-        comm,
+        comm: Comm,
         overlap: bool = True,
         block: int = 0,
         loss=None,
