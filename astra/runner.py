@@ -28,7 +28,7 @@ from astra.group.records import record_from_ranks
 from astra.hub import cache_dir, resolve_model
 from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS
 from astra.models import KVCache, load_model, load_tokenizer, model_kind, num_input_tokens
-from astra.net.comm import Communicator
+from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
 from astra.net.lockstep import run_lockstep, share_weights_copy
@@ -789,8 +789,10 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
         )
         comm = Communicator(group, config.link, timeout_s=config.timeout_s)
         result = rank_main(rank, world_size, comm, job)
-        gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, result, group=group)
+        # the results travel as JSON on an ideal link: not charged, never unpickled
+        ideal = Communicator(group, LinkConfig(), timeout_s=config.timeout_s)
+        gathered = all_gather_json(ideal, result)
+        dist.barrier(group)  # every rank has its results before the group goes away
     finally:
         dist.destroy_process_group()
     if rank != 0:

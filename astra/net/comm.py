@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -437,6 +438,20 @@ class Communicator:
                 f"{self.timeout_s:g}s, world size {self.world_size}); a peer is slow, dead or "
                 f"out of step: {exc}"
             ) from exc
+
+
+def all_gather_json(comm: Communicator, obj) -> list:
+    """Every rank's JSON-able `obj` (tensors become lists), in rank order. What peers send is
+    parsed as JSON, never unpickled: a peer cannot make this process run code."""
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        raise TypeError(f"{type(value).__name__} is not JSON data")
+
+    data = json.dumps(obj, default=plain).encode()
+    parts = comm.all_gather_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return [json.loads(part.numpy().tobytes().decode()) for part in parts]
 
 
 def as_bytes(x: torch.Tensor) -> torch.Tensor:
