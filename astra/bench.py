@@ -34,19 +34,11 @@ from astra.models import load_model, model_family, model_kind
 from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
+from astra.parallel.passes import check_dtype, embed_inputs, search_dtype
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
-from astra.runner import (
-    Job,
-    RunConfig,
-    build_inputs,
-    check_dtype,
-    embed_inputs,
-    run_ranks,
-    search_dtype,
-    summarize,
-)
+from astra.runner import Job, RunConfig, build_inputs, run_ranks, summarize
 
 BENCH_METHODS = tuple(METHODS)  # every method in astra.methods, prefill-only baselines too
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from astra.group.config import DTYPES, SEARCHES, GroupConfig, QuantConfig
+from astra.group.config import GroupConfig, QuantConfig
 from astra.group.records import record_from_ranks
 from astra.hub import cache_dir, resolve_model
 from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS
@@ -41,6 +41,15 @@ from astra.parallel.engine import (
     install_rank_attention,
     make_codecs,
     sequence_parallel_forward,
+)
+from astra.parallel.passes import (
+    check_dtype,
+    embed_inputs,
+    encoder_output,
+    pool_output,
+    search_dtype,
+    stage_breakdown,
+    to_compute_dtype_,
 )
 from astra.parallel.placement import COST_FIELDS, CausalCost, PlacementConfig, fit_causal_cost
 from astra.parallel.runtime import (
@@ -120,19 +129,6 @@ class RunConfig:
         return "processes" if self.devices <= (os.cpu_count() or 1) else "composed"
 
 
-def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def search_dtype(search: str) -> torch.dtype | None:
-    """The codec's search dtype for a SEARCHES name (None: follow the compute dtype)."""
-    if search not in SEARCHES:
-        raise ValueError(f"search {search!r} is not one of {SEARCHES}")
-    return None if search == "auto" else DTYPES[search]
-
-
 @dataclass
 class Job:
     """What every rank needs; small and picklable (weights are loaded on each device)."""
@@ -207,14 +203,6 @@ def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
     )
 
 
-def embed_inputs(model, inputs: dict) -> torch.Tensor:
-    """The built-in inputs ({'pixels'} or {'input_ids'}) embedded by the model: (1, T, D)."""
-    if "pixels" in inputs:  # pixels in the model's precision (the patch convolution's)
-        return model.embed(inputs["pixels"].to(next(model.parameters()).dtype))
-    ids = inputs["input_ids"]
-    return model.embed(ids, positions=torch.arange(ids.shape[1]))
-
-
 def _load(job: Job):
     model = job.model if job.model is not None else load_model(job.model_dir)
     quantizers = model.blocks
@@ -224,16 +212,6 @@ def _load(job: Job):
         model = astra.model
     to_compute_dtype_(model, check_dtype(job.dtype))
     return model, quantizers
-
-
-def to_compute_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The model's parameters in `dtype`, in place: composed-mode ranks share one set, which is
-    converted once. Buffers stay as built: RoPE's inv_freq is float32, as HF keeps it (rounded
-    to bf16 it turns position 2048 by up to 2.8 rad too far). Codebooks are not parameters of
-    the model and stay float32."""
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
 
 
 @torch.no_grad()
@@ -294,7 +272,7 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
             logits = model.head(hidden[:, -1:])
             first = int(logits.argmax(-1))
             out["ttft_ms"] = (now() - t0) * 1e3
-            out["breakdown_ms"] = _breakdown(model, out["ttft_ms"])
+            out["breakdown_ms"] = stage_breakdown(model, out["ttft_ms"])
             if job.decode:
                 steps, tpot, cache = _decode(
                     model, first, x_full.shape[1], job.new_tokens, now, job.remote_cache
@@ -302,15 +280,15 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
                 out.update(generated=[first] + steps, tpot_ms=tpot, kv_cache=cache)
         if "ttft_ms" not in out:
             out["prefill_ms"] = (now() - t0) * 1e3
-            out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+            out["breakdown_ms"] = stage_breakdown(model, out["prefill_ms"])
         else:
             out["prefill_ms"] = out["ttft_ms"]
     else:
         with comm.stats.phase("output"):
-            output = _encoder_output(model, hidden, layout, seq, comm)
+            output = encoder_output(model, hidden, layout, seq, comm)
         out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
         out["output"] = output
-        out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+        out["breakdown_ms"] = stage_breakdown(model, out["prefill_ms"])
     comm.wait_sends()  # streamed codes: delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
@@ -352,7 +330,7 @@ def fit_balanced_placement(
         comm.barrier()
         t0 = comm.now()
         sequence_parallel_forward(model, x_full, layout)
-        stages = _breakdown(model, (comm.now() - t0) * 1e3)
+        stages = stage_breakdown(model, (comm.now() - t0) * 1e3)
         comm.wait_sends()
     tokens = int(layout.local_index.numel())
     mine = {
@@ -369,18 +347,6 @@ def fit_balanced_placement(
     records = [dict(zip(COST_FIELDS, r[0].tolist())) for r in comm.all_gather_tensor(row)]
     cost = fit_causal_cost(records, last_encodes=exchange == "all-gather")
     return replace(placement, cost=cost)
-
-
-def _breakdown(model, total_ms: float) -> dict[str, float]:
-    """Time per stage of the per-rank attention, summed over blocks; the rest is the MLPs,
-    norms, residuals and the head."""
-    stages: dict[str, float] = {}
-    for block in model.blocks:
-        for stage, ms in (getattr(block.attn, "timings", None) or {}).items():
-            stages[stage] = stages.get(stage, 0.0) + ms
-    if stages:
-        stages["mlp_and_rest"] = total_ms - sum(stages.values())
-    return stages
 
 
 def _baseline(rank: int, world_size: int, comm, model, x_full: torch.Tensor, job: Job) -> dict:
@@ -485,33 +451,10 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
         out["generated"] = generated
         out["prefill_ms"] = out["ttft_ms"]
     else:
-        out["output"] = _pool(model, model.head(hidden))
+        out["output"] = pool_output(model, model.head(hidden))
         out["prefill_ms"] = out["ttft_ms"] = (now() - t0) * 1e3
     out["comm"] = {"bytes_sent": 0, "bytes_received": 0, "comm_ms": 0.0, "wait_ms": 0.0}
     return out
-
-
-def _pool(model, final: torch.Tensor) -> torch.Tensor:
-    """Encoder output: the class token (ViT) or the mean of all tokens (BERT): the model's
-    `pooling`."""
-    if model.pooling == "mean":
-        return final.mean(dim=1)[0]
-    return final[0, 0]
-
-
-def _encoder_output(model, hidden, layout, seq, comm) -> torch.Tensor:
-    """Gather the pieces of the output every device needs (a few floats per device)."""
-    if model.pooling == "mean":  # the sum of local tokens and their count
-        local = torch.cat([hidden[0].sum(0), torch.tensor([float(hidden.shape[1])])])
-        parts = comm.all_gather_tensor(local[None])
-        total = torch.cat(parts).sum(0)
-        return total[:-1] / total[-1]
-    if seq.num_replicas:  # distributed class tokens: mean of the replicas, then the head
-        replicas = torch.cat(comm.all_gather_tensor(hidden[:, 0]))  # (N, D)
-        return model.head(replicas.mean(0, keepdim=True)[None])[0, 0]
-    # single class token on rank 0
-    cls = hidden[:, 0] if layout.rank == 0 else hidden.new_zeros(1, hidden.shape[-1])
-    return model.head(comm.all_gather_tensor(cls)[0][None])[0, 0]
 
 
 def _worker(rank: int, world_size: int, group, job: Job) -> dict:

@@ -25,9 +25,10 @@ import torch
 from astra.hub import resolve_model
 from astra.models import load_model
 from astra.parallel.artefact import load_astra
+from astra.parallel.passes import to_compute_dtype_
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.train import evaluate
-from astra.runner import RunConfig, ensure_artefact, to_compute_dtype_
+from astra.runner import RunConfig, ensure_artefact
 from astra.tasks import TaskConfig, make_task
 from astra.vq import GroupedCodebook
 

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from astra.group.config import DTYPES, SEARCHES
 from astra.net.link import parse_bandwidth, parse_latency
 from astra.parallel.runtime import EXCHANGES
-from astra.runner import DTYPES, SEARCHES
 
 
 def bandwidth_arg(text: str) -> float:

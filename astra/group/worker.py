@@ -35,6 +35,14 @@ from astra.parallel.engine import (
     make_codecs,
     sequence_parallel_forward,
 )
+from astra.parallel.passes import (
+    embed_inputs,
+    encoder_output,
+    pool_output,
+    search_dtype,
+    stage_breakdown,
+    to_compute_dtype_,
+)
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
 from astra.parallel.simulate import effective_class_tokens
@@ -98,8 +106,6 @@ class RankState:
                     astra = load_astra(spec.artefact, model, spec.model_dir)
                 self.astra_model = astra.model
                 self.quantizers = astra.quantizers
-        from astra.runner import search_dtype, to_compute_dtype_
-
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
             to_compute_dtype_(m, DTYPES[spec.dtype])
         search = search_dtype(spec.search)
@@ -180,7 +186,7 @@ def _warm_up(rank: int, world_size: int, comm, state: RankState) -> dict:
     if state.codecs:  # balanced placement: fit the per-token costs once, on a real pass
         method = "astra" if "astra" in state.codecs else next(iter(state.codecs))
         model = state.model_for(method)
-        x_full = embed(model, spec.warmup_inputs)
+        x_full = embed_inputs(model, spec.warmup_inputs)
         placement = fit_balanced_placement(
             placement, model, x_full, state.codecs[method], rank, comm, spec.exchange, spec.overlap
         )
@@ -200,12 +206,6 @@ def _warm_up(rank: int, world_size: int, comm, state: RankState) -> dict:
         "warmup_bytes_per_token": bytes_per_token,  # of this device's own tokens
         "num_blocks": len(state.base.blocks),
     }
-
-
-def embed(model: nn.Module, inputs: dict) -> torch.Tensor:
-    from astra.runner import embed_inputs
-
-    return embed_inputs(model, inputs)
 
 
 @torch.no_grad()
@@ -230,13 +230,13 @@ def _run_single(state: RankState, item: WorkItem, emit, cancelled, now) -> dict:
     for block in model.blocks:  # whatever the last request installed: back to the model's own
         block.attn = getattr(block.attn, "inner", block.attn)
     t0 = now()
-    x = embed(model, item.inputs)
+    x = embed_inputs(model, item.inputs)
     positions = torch.arange(x.shape[1])
     out: dict = {"rank": 0, "tokens": int(x.shape[1])}
     if not state.causal:
         for block in model.blocks:
             x = block(x, positions, None)
-        out["output"] = _pool(model, model.head(x))
+        out["output"] = pool_output(model, model.head(x))
     else:
         use_causal_kernel_(model)
         caches = [KVCache() for _ in model.blocks]
@@ -294,7 +294,7 @@ def _run_sequence_parallel(
     the device holding the last token then decodes on its own (paper §3.1 step 4)."""
     spec = state.spec
     model = state.model_for(item.method)
-    x_full = embed(model, item.inputs)
+    x_full = embed_inputs(model, item.inputs)
     placement = state.placement or PlacementConfig(world_size, kind=spec.placement)
     seq = build_sequence_layout(x_full.shape[1], placement, state.class_tokens)
     x_full = expand_class_tokens(x_full, seq.num_replicas)
@@ -324,12 +324,10 @@ def _run_sequence_parallel(
     out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
     if not state.causal:
-        from astra.runner import _encoder_output
-
         with comm.stats.phase("output"):
-            out["output"] = _encoder_output(model, hidden, layout, seq, comm)
+            out["output"] = encoder_output(model, hidden, layout, seq, comm)
     out["prefill_ms"] = (comm.now() - t0) * 1e3
-    out["breakdown_ms"] = _breakdown(model, out["prefill_ms"])
+    out["breakdown_ms"] = stage_breakdown(model, out["prefill_ms"])
     if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
         out["placement_cost"] = asdict(placement.cost)
     if decodes:
@@ -351,21 +349,9 @@ def _run_sequence_parallel(
     return out
 
 
-def _breakdown(model: nn.Module, total_ms: float) -> dict:
-    from astra.runner import _breakdown as breakdown
-
-    return breakdown(model, total_ms)
-
-
 def _cache_bytes(model: nn.Module) -> dict:
     cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
     for block in model.blocks:
         for key, value in block.attn.cache_bytes().items():
             cache[key] += value
     return cache
-
-
-def _pool(model: nn.Module, final: torch.Tensor) -> torch.Tensor:
-    from astra.runner import _pool as pool
-
-    return pool(model, final)
