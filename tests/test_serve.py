@@ -116,7 +116,8 @@ def test_chat_completion_plain_and_streamed(server):
     parts = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
                                                 temperature=0, stream=True))
     assert parts[0].choices[0].delta.role == "assistant"
-    assert "".join(p.choices[0].delta.content or "" for p in parts) == out.choices[0].message.content
+    streamed = "".join(p.choices[0].delta.content or "" for p in parts)
+    assert streamed == out.choices[0].message.content
 
 
 def test_concurrent_clients_lose_and_duplicate_nothing(server):
