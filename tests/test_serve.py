@@ -148,6 +148,8 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         client.completions.create(model="tiny", prompt="word " * 3000, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="embeddings needs a text encoder"):
         client.embeddings.create(model="tiny", input="x")
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model="tiny", prompt=[10**9], max_tokens=2)
     r = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -108,6 +108,7 @@ class Group:
         self.kind = model_kind(self.model_dir)  # "decoder", "text-encoder", "image-encoder"
         self.context_length = context_length(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir) if self.kind != "image-encoder" else None
+        self.vocab_size = int(read_config(self.model_dir).get("vocab_size", 0))
         self.devices = config.devices  # active devices (fewer than asked after a failure)
         self.failures: list[str] = []  # what made the group re-form, oldest first
         self.artefact: Path | None = None
@@ -320,7 +321,10 @@ class Group:
         """The tokenizer's chat template applied to OpenAI-style messages, ready to continue."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError(f"model {self.config.model} has no chat template; use completions")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # jinja raises its own errors for messages it cannot render
+            raise RequestError(f"messages: the chat template cannot render them ({exc})") from None
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def check_prompt(self, ids: list[int], max_tokens: int) -> None:
@@ -328,14 +332,20 @@ class Group:
             raise RequestError(
                 f"model {self.config.model} is a {self.kind}; text generation needs a decoder"
             )
-        if not ids:
-            raise RequestError("the prompt is empty")
+        self._check_ids(ids)
         limit = self.context_length
         if limit is not None and len(ids) + max_tokens > limit:
             raise RequestError(
                 f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's "
                 f"context of {limit} tokens"
             )
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def generate(
         self,
@@ -411,6 +421,7 @@ class Group:
                 "such as minilm-l6"
             )
         ids = self.encode_prompt(text)
+        self._check_ids(ids)
         if self.context_length is not None and len(ids) > self.context_length:
             raise RequestError(
                 f"input of {len(ids)} tokens exceeds the model's context of "

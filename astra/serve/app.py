@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import io
 import json
+import logging
 import math
 import threading
 import time
@@ -33,6 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from astra.group import Completion, Group, GroupError, RequestError, RequestRecord
 from astra.serve import protocol as wire
 from astra.serve.metrics import ServerMetrics
+
+log = logging.getLogger("astra.serve")
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,16 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
                 message += f" (got {json.dumps(first['input'], default=str)[:80]})"
         return JSONResponse(
             wire.error_body(message, "invalid_request_error", param=where or None), 400
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        """A bug of ours, not the client's: one line in the log, an OpenAI body, no traceback
+        to the client, and the server stays up."""
+        metrics.count(request.url.path, 500)
+        log.error("astra serve: %s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return JSONResponse(
+            wire.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500
         )
 
     @app.exception_handler(StarletteHTTPException)
