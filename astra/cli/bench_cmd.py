@@ -11,6 +11,7 @@ from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
 from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
+    add_model_arg,
     add_search_arg,
     bandwidth_arg,
     fail,
@@ -44,11 +45,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="prepared model name or local HF-format directory (default smollm2-135m)",
-    )
+    add_model_arg(p)
     p.add_argument(
         "--devices",
         type=int_list,

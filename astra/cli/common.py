@@ -67,6 +67,16 @@ def add_link_args(parser: argparse.ArgumentParser, bandwidth="10mbit", latency="
     )
 
 
+def add_model_arg(parser: argparse.ArgumentParser, default: str | None = "smollm2-135m") -> None:
+    parser.add_argument(
+        "--model",
+        default=default,
+        required=default is None,
+        help="prepared model name (see `astra models list`) or a local HF-format directory"
+        + (f" (default {default})" if default else ""),
+    )
+
+
 def add_quant_args(parser: argparse.ArgumentParser) -> None:
     """ASTRA's codebooks: G, K, the quantization point and an artefact (run, serve)."""
     parser.add_argument(

@@ -10,6 +10,7 @@ from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
+    add_model_arg,
     add_quant_args,
     add_search_arg,
     fail,
@@ -48,12 +49,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="prepared model name (see `astra models list`) or a local HF-format "
-        "directory (default smollm2-135m)",
-    )
+    add_model_arg(p)
     p.add_argument(
         "--devices",
         type=positive_int,
