@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from astra.group.config import QuantConfig
 from astra.hub import resolve_model
 from astra.methods import METHODS, SEQUENCE_PARALLEL_METHODS
 from astra.models import load_model, model_family, model_kind
 from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
-from astra.parallel.passes import check_dtype, embed_inputs, search_dtype
+from astra.parallel.passes import check_dtype, embed_inputs
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
@@ -89,7 +90,13 @@ class BenchConfig:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         check_dtype(self.dtype)
-        search_dtype(self.search)
+        QuantConfig(  # the codebook fields' own checks (one place)
+            groups=self.groups,
+            codebook_size=self.codebook_size,
+            point=self.quant_point,
+            artefact=self.artefact,
+            search=self.search,
+        )
 
 
 def timing_artefact(model_dir: Path, config: AstraConfig, inputs: dict, path: Path) -> Path:

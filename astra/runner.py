@@ -26,7 +26,7 @@ import torch
 from astra.group.config import GroupConfig, QuantConfig
 from astra.group.records import record_from_ranks
 from astra.hub import cache_dir, resolve_model
-from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS
+from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS, check_methods
 from astra.models import KVCache, load_model, load_tokenizer, model_kind, num_input_tokens
 from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
@@ -53,8 +53,6 @@ from astra.parallel.passes import (
 )
 from astra.parallel.placement import COST_FIELDS, CausalCost, PlacementConfig, fit_causal_cost
 from astra.parallel.runtime import (
-    EXCHANGES,
-    REMOTE_CACHES,
     DecodeAttention,
     resolve_exchange,
     restore_attention_,
@@ -106,22 +104,45 @@ class RunConfig:
             raise ValueError(f"loss rate must be in [0, 1), got {self.loss_rate}")
         if self.new_tokens < 1:
             raise ValueError(f"new_tokens must be >= 1, got {self.new_tokens}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods {list(self.methods)}: each must be one of {METHODS}")
-        PlacementConfig(self.devices, kind=self.placement)  # validates the kind
-        if self.exchange not in EXCHANGES:
-            raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
-        if self.remote_cache not in REMOTE_CACHES:
-            raise ValueError(f"remote_cache {self.remote_cache!r} is not one of {REMOTE_CACHES}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
-        check_dtype(self.dtype)
-        search_dtype(self.search)
+        check_methods(self.methods, METHODS)
+        # the device group's own checks, in one place: link, codebooks, placement, exchange,
+        # remote cache, precision, timeouts (GroupConfig, QuantConfig, LinkConfig)
+        self.group_config()
 
     @property
     def link(self) -> LinkConfig:
         return LinkConfig(bandwidth_mbps=self.bandwidth_mbps, latency_ms=self.latency_ms)
+
+    def group_config(self, warmup_tokens: int = 128) -> GroupConfig:
+        """The device group this run describes (processes mode runs in it)."""
+        generating = [m for m in self.methods if m != "single"]
+        return GroupConfig(
+            model=self.model,
+            devices=self.devices,
+            method=generating[0] if generating else "single",
+            methods=tuple(self.methods),
+            link=LinkConfig(self.bandwidth_mbps, self.latency_ms, loss_rate=self.loss_rate),
+            quant=QuantConfig(
+                groups=self.groups,
+                codebook_size=self.codebook_size,
+                point=self.quant_point,
+                artefact=self.artefact,
+                search=self.search,
+            ),
+            dtype=self.dtype,
+            placement=self.placement,
+            exchange=self.exchange,
+            remote_cache=self.remote_cache,
+            overlap=self.overlap,
+            use_tables=self.use_tables,
+            start_timeout_s=self.timeout_s,
+            request_timeout_s=self.timeout_s,
+            peer_timeout_s=self.timeout_s,
+            warmup_tokens=warmup_tokens,
+        )
+
 
     def resolved_mode(self) -> str:
         if self.mode != "auto":
@@ -613,35 +634,6 @@ def run_inference(config: RunConfig, progress: bool = True, log=print) -> dict:
     return summary
 
 
-def group_config_for(config: RunConfig, warmup_tokens: int = 128) -> GroupConfig:
-    """The device group a RunConfig describes (astra run in processes mode)."""
-    generating = [m for m in config.methods if m != "single"]
-    return GroupConfig(
-        model=config.model,
-        devices=config.devices,
-        method=generating[0] if generating else "single",
-        methods=tuple(config.methods),
-        link=LinkConfig(config.bandwidth_mbps, config.latency_ms, loss_rate=config.loss_rate),
-        quant=QuantConfig(
-            groups=config.groups,
-            codebook_size=config.codebook_size,
-            point=config.quant_point,
-            artefact=config.artefact,
-            search=config.search,
-        ),
-        dtype=config.dtype,
-        placement=config.placement,
-        exchange=config.exchange,
-        remote_cache=config.remote_cache,
-        overlap=config.overlap,
-        use_tables=config.use_tables,
-        start_timeout_s=config.timeout_s,
-        request_timeout_s=config.timeout_s,
-        peer_timeout_s=config.timeout_s,
-        warmup_tokens=warmup_tokens,
-    )
-
-
 def _run_in_group(config: RunConfig, inputs: dict, decoder: bool, progress: bool, log):
     """Every method through one group of warm worker processes: single runs on device 0 of
     the same processes, so no method pays a start-up the others do not."""
@@ -650,7 +642,7 @@ def _run_in_group(config: RunConfig, inputs: dict, decoder: bool, progress: bool
 
     records = []
     log(f"starting {config.devices} device(s) (load, codebooks, one warm-up pass per method)...")
-    with Group(group_config_for(config), progress, warmup_inputs=inputs) as group:
+    with Group(config.group_config(), progress, warmup_inputs=inputs) as group:
         if group.degraded or group.devices != config.devices:
             raise RuntimeError("the device group did not start on every device")
         for method in config.methods:

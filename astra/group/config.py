@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -86,13 +85,6 @@ class GroupConfig:
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
-        cores = os.cpu_count() or 1
-        if self.devices * self.threads_per_device > 8 * cores:
-            raise ValueError(
-                f"devices={self.devices} x threads={self.threads_per_device} is more than "
-                f"8x this machine's {cores} cores; use `astra bench --mode composed` to study "
-                "more devices than cores"
-            )
         for name in self.methods + (self.method,):
             if name not in GENERATING_METHODS:
                 raise ValueError(

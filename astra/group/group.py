@@ -101,6 +101,13 @@ class Group:
         """warmup_inputs: a representative input ({"input_ids"} or {"pixels"}) for the untimed
         warm-up passes (and the fitted placement); default: config.warmup_tokens of any tokens,
         or a 224 px image."""
+        cores = os.cpu_count() or 1
+        if config.devices * config.threads_per_device > 8 * cores:
+            raise ValueError(
+                f"devices={config.devices} x threads={config.threads_per_device} is more than "
+                f"8x this machine's {cores} cores for real worker processes; `astra bench "
+                "--mode composed` studies more devices than cores"
+            )
         self.config = config
         self.progress = progress
         self.warmup_inputs = warmup_inputs
