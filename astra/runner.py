@@ -143,7 +143,6 @@ class RunConfig:
             warmup_tokens=warmup_tokens,
         )
 
-
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode

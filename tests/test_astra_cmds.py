@@ -239,3 +239,23 @@ def test_finetune_resumes_at_the_saved_step(tiny, tmp_path):
     assert history[-1]["loss"] == pytest.approx(straight_history[-1]["loss"], abs=1e-6)
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_eval_runtime_scores_real_processes_like_the_simulation(tiny, tmp_path, capsys):
+    """`astra eval --runtime`: the same perplexity through two real worker processes."""
+    dir_a, _ = tiny
+    model = load_model(dir_a)
+    astra = apply_astra(model, AstraConfig(quant_point="kv", num_groups=2, codebook_size=8))
+    task = SyntheticLM(model, dir_a, TaskConfig(seq_len=16, batch_size=4))
+    calibrate_(astra, task, num_sequences=8, progress=False)
+    cal = save_artefact(tmp_path / "cal.pt", astra, dir_a)
+    metrics = {}
+    for flag in ((), ("--runtime",)):
+        out = tmp_path / f"eval{len(flag)}.json"
+        argv = ["eval", "--model", str(dir_a), "--artefacts", str(cal), "--devices", "2",
+                "--limit", "4", "--json", str(out), *flag, *_small()]
+        assert main(argv) == 0
+        rows = json.loads(out.read_text())["rows"]
+        metrics[flag] = {r["runtime"]: r["metric"] for r in rows if "runtime" in r}
+    assert metrics[()]["simulation"] == pytest.approx(metrics[("--runtime",)]["processes"],
+                                                      rel=1e-4)

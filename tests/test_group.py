@@ -189,3 +189,27 @@ def test_a_frozen_device_is_named_and_the_group_carries_on(tiny_llama_dir):
                 os.kill(frozen, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_scores_through_the_runtime_equal_one_device_and_the_simulation(group, tiny_llama_dir):
+    """Group.score: the perplexity of what is deployed. Full precision over two devices equals
+    one device; ASTRA over two devices equals the single-process simulation of ASTRA."""
+    from astra.parallel.artefact import load_astra
+    from astra.parallel.placement import PlacementConfig
+    from astra.tasks import TaskConfig, make_task
+
+    astra = load_astra(group.artefact, load_model(tiny_llama_dir), tiny_llama_dir)
+    task = make_task(astra.model, tiny_llama_dir, TaskConfig(seq_len=48))
+    ids = task.token_blocks("test", 1)  # (1, 48)
+    single = group.score(ids[0].tolist(), method="single")
+    sp = group.score(ids[0].tolist(), method="sp-fp32")
+    assert single.num_predicted == sp.num_predicted == 47
+    assert sp.nll_sum == pytest.approx(single.nll_sum, rel=1e-5)
+    with torch.no_grad():
+        x = task.embed(astra.model, {"input_ids": ids})
+        for placement in (None, PlacementConfig(2)):
+            logits = task.outputs(astra.model, astra.forward_hidden(x, placement, None))
+            expected, count = task.score(logits, None, {"input_ids": ids})
+            got = single if placement is None else group.score(ids[0].tolist(), method="astra")
+            assert got.nll_sum == pytest.approx(expected, rel=1e-4) and count == 47
+    assert group.score(ids[0].tolist(), method="astra").perplexity > 1

@@ -34,6 +34,11 @@ EVAL_EPILOG = """\
 examples:
   astra eval --model dinov2-s --artefacts dino-g32.pt dino-g32-ft.pt --devices 4 --limit 1000
   astra eval --model smollm2-135m --artefacts sm-g1.pt --devices 1,2,4 --json ppl.json
+  astra eval --model smollm2-135m --artefacts sm-g1.pt --devices 2 --runtime --limit 8
+
+Rows are computed with the single-process simulation of N devices (the paper's Eq. 1), or
+with --runtime (decoders) through a persistent group of N real worker processes, the same
+runtime `astra run` and `astra serve` use: the accuracy of what is deployed.
 
 bits/token and compression are for the whole model: blocks x codebooks per block x G x log2 K
 bits per token, against blocks x width x 32 bits for fp32, where width is D (hidden point) or
@@ -277,6 +282,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         "--split", choices=["val", "test"], default="test", help="data split (default test)"
     )
     p.add_argument("--no-full-precision", action="store_true", help="skip the full-precision row")
+    p.add_argument(
+        "--runtime",
+        action="store_true",
+        help="decoders: score ASTRA through N real worker processes (astra.group.Group) "
+        "instead of the single-process simulation",
+    )
     p.set_defaults(runner=run_eval)
     return p
 
@@ -669,7 +680,10 @@ def eval_command(args) -> dict:
         q = quant_summary(astra)
         mode = blob.get("extra", {}).get("mode", "calibrated")
         for n in args.devices:
-            metric = evaluate(astra, task, PlacementConfig(n), **kw)
+            if args.runtime:
+                metric = _runtime_perplexity(args.model, path, n, task, args, progress)
+            else:
+                metric = evaluate(astra, task, PlacementConfig(n), **kw)
             rows.append(
                 {
                     "method": METHOD_NAMES.get(mode, mode),
@@ -683,6 +697,7 @@ def eval_command(args) -> dict:
                     "compression": q["compression"],
                     "metric": metric,
                     "head": head,
+                    "runtime": "processes" if args.runtime else "simulation",
                 }
             )
             log.info("%s x%d: %s %.4f", Path(path).name, n, task.metric, metric)
@@ -701,6 +716,37 @@ def eval_command(args) -> dict:
         "fp32 = blocks x width x 32 / bits, width = D (hidden) or 2*Dkv (kv)",
         "rows": rows,
     }
+
+
+def _runtime_perplexity(model: str, artefact, devices: int, task, args, progress: bool) -> float:
+    """Perplexity of `artefact` on `devices` real worker processes: every sequence is one
+    Group.score request (distributed prefill, each device scores its own tokens)."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    from astra.group import Group, GroupConfig, LinkConfig, QuantConfig
+
+    if task.metric != "perplexity":
+        raise ValueError(
+            f"--runtime scores decoders (perplexity); {model} is scored by {task.metric}"
+        )
+    rows = [row for batch in task.batches(args.split, args.limit) for row in batch["input_ids"]]
+    config = GroupConfig(
+        model=model,
+        devices=devices,
+        method="astra",
+        methods=("astra",),
+        link=LinkConfig(),  # accuracy does not depend on the link
+        quant=QuantConfig(artefact=str(artefact)),
+        peer_timeout_s=120.0,
+    )
+    total, count = 0.0, 0
+    with Group(config, warmup_inputs={"input_ids": rows[0][None]}) as group:
+        for row in tqdm(rows, desc=f"runtime x{devices}", disable=not progress):
+            scored = group.score(row.tolist())
+            total, count = total + scored.nll_sum, count + scored.num_predicted
+    return math.exp(total / max(count, 1))
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:

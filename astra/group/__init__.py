@@ -6,7 +6,15 @@ The library API that `astra run` and `astra serve` are thin layers over:
 """
 
 from astra.group.config import GroupConfig, QuantConfig
-from astra.group.group import Chunk, Completion, Encoding, Group, GroupError, RequestError
+from astra.group.group import (
+    Chunk,
+    Completion,
+    Encoding,
+    Group,
+    GroupError,
+    RequestError,
+    Scoring,
+)
 from astra.group.records import RequestRecord
 from astra.net.link import LinkConfig
 from astra.sampling import Sampling
@@ -23,4 +31,5 @@ __all__ = [
     "RequestError",
     "RequestRecord",
     "Sampling",
+    "Scoring",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -83,6 +84,19 @@ class Encoding:
 
 
 @dataclass
+class Scoring:
+    """A sequence's next-token negative log-likelihood, summed over every device's tokens."""
+
+    nll_sum: float
+    num_predicted: int  # tokens predicted (the sequence length minus one)
+    record: RequestRecord
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / max(self.num_predicted, 1))
+
+
+@dataclass
 class _Members:
     """The processes of one incarnation of the group and their shared channels."""
 
@@ -114,7 +128,7 @@ class Group:
         self.model_dir = resolve_model(config.model)
         self.kind = model_kind(self.model_dir)  # "decoder", "text-encoder", "image-encoder"
         self.context_length = context_length(self.model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir) if self.kind != "image-encoder" else None
+        self.tokenizer = _tokenizer_if_any(self.model_dir) if self.kind != "image-encoder" else None
         self.vocab_size = int(read_config(self.model_dir).get("vocab_size", 0))
         self.devices = config.devices  # active devices (fewer than asked after a failure)
         self.failures: list[str] = []  # what made the group re-form, oldest first
@@ -320,6 +334,8 @@ class Group:
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids as the tokenizer's own config says (BOS where the model expects one)."""
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise RequestError(f"model {self.config.model} has no tokenizer; send token ids")
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt)["input_ids"])
         return list(prompt)
@@ -421,6 +437,21 @@ class Group:
         vector = record.extra.pop("output")
         return Encoding(vector.float().tolist(), record)
 
+    def score(self, ids: list[int], method: str | None = None) -> Scoring:
+        """How well the model predicts a token sequence, through the real runtime: every
+        device scores the successors of its own tokens after a distributed prefill (the
+        accuracy of what is deployed, where `astra eval` scores the simulation)."""
+        self.check_prompt(ids, 0)
+        rid = self.new_request_id()
+        inputs = {"input_ids": torch.tensor([ids], dtype=torch.long)}
+        record = None
+        for event in self._run(inputs, Sampling(max_tokens=0), method, rid, (), None, True):
+            if isinstance(event, RequestRecord):
+                record = event
+        assert record is not None
+        nll, count = record.extra.pop("nll_sum"), record.extra.pop("nll_count")
+        return Scoring(nll, count, record)
+
     def embed(self, text: str, method: str | None = None) -> Encoding:
         if self.kind != "text-encoder":
             raise RequestError(
@@ -495,7 +526,7 @@ class Group:
         link_ms = exchanges * link.latency_ms + link.serialization_time_s(sent) * 1e3
         return single_ms, max(per_rank) * scale + link_ms
 
-    def _run(self, inputs, sampling, method, rid, stop_ids, queued_at) -> Iterator:
+    def _run(self, inputs, sampling, method, rid, stop_ids, queued_at, score=False) -> Iterator:
         """Send one item to every device, yield token ids as they come, then the record."""
         with self._lock:
             started = time.perf_counter()
@@ -515,6 +546,7 @@ class Group:
                 max_new_tokens=sampling.max_tokens,
                 sampling=sampling,
                 stop_ids=stop_ids,
+                score=score,
             )
             members = self._members
             for inbox in members.inboxes:
@@ -582,6 +614,9 @@ class Group:
             record.groups = self.quant_info.get("groups")
             record.codebook_size = self.quant_info.get("codebook_size")
             record.quant_point = self.quant_info.get("quant_point")
+        if any("nll_sum" in r for r in taking_part):
+            record.extra["nll_sum"] = sum(r.get("nll_sum", 0.0) for r in taking_part)
+            record.extra["nll_count"] = sum(r.get("nll_count", 0) for r in taking_part)
         output = next((r["output"] for r in taking_part if "output" in r), None)
         if output is not None:
             record.extra["output"] = output
@@ -630,6 +665,13 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def _tokenizer_if_any(model_dir: Path):
+    """The checkpoint's tokenizer, or None for a directory without one (token ids only)."""
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    return load_tokenizer(model_dir)
 
 
 def _process_state(pid: int) -> str:

@@ -85,6 +85,7 @@ class WorkItem:
     max_new_tokens: int = 0  # decoders: tokens to draw after the prefill (0: prefill only)
     sampling: Sampling = Sampling()
     stop_ids: tuple[int, ...] = ()  # end-of-sequence tokens: drawing one ends the request
+    score: bool = False  # decoders: each device returns the NLL of its tokens' next tokens
 
 
 class RankState:
@@ -243,6 +244,8 @@ def _run_single(state: RankState, item: WorkItem, emit, cancelled, now) -> dict:
         for block, cache in zip(model.blocks, caches):
             x = block(x, positions, None, cache=cache)
         restore_attention_(model)
+        if item.score:
+            out.update(_next_token_nll(model, x, positions, item.inputs["input_ids"]))
 
         def step(token: int, pos: int) -> torch.Tensor:
             h = model.embed(torch.tensor([[token]]), positions=torch.tensor([pos]))
@@ -327,6 +330,9 @@ def _run_sequence_parallel(
         with comm.stats.phase("output"):
             out["output"] = encoder_output(model, hidden, layout, seq, comm)
     out["prefill_ms"] = (comm.now() - t0) * 1e3
+    if item.score and state.causal:  # this device's tokens predict their successors
+        ids = item.inputs["input_ids"]
+        out.update(_next_token_nll(model, hidden, layout.local_positions, ids))
     out["breakdown_ms"] = stage_breakdown(model, out["prefill_ms"])
     if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
         out["placement_cost"] = asdict(placement.cost)
@@ -347,6 +353,17 @@ def _run_sequence_parallel(
     comm.wait_sends()  # streamed codes delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
+
+
+def _next_token_nll(model: nn.Module, hidden, positions, ids) -> dict:
+    """Summed negative log-likelihood of the token after each held position (the sequence's
+    last position predicts nothing): with every device's sums added, the perplexity of the
+    whole sequence, exactly as astra.tasks.LanguageModeling scores it on one device."""
+    keep = positions < ids.shape[1] - 1
+    logits = model.head(hidden[:, keep]).float()  # (1, T_kept, V)
+    targets = ids[0, positions[keep] + 1]  # (T_kept,)
+    nll = torch.nn.functional.cross_entropy(logits[0], targets, reduction="sum")
+    return {"nll_sum": float(nll), "nll_count": int(targets.numel())}
 
 
 def _cache_bytes(model: nn.Module) -> dict:
