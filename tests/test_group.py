@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from astra.group import Group, GroupConfig, GroupError, LinkConfig, QuantConfig, RequestError
-from astra.group.group import _Detokenizer
+from astra.group.detokenize import Detokenizer
 from astra.models import load_model
 from astra.sampling import Sampler, Sampling
 
@@ -122,7 +122,7 @@ class _CharTokenizer:
 
 
 def test_detokenizer_holds_back_a_possible_stop_string():
-    d = _Detokenizer(_CharTokenizer(), ("END",))
+    d = Detokenizer(_CharTokenizer(), ("END",))
     released = [d.push(ord(c)) for c in "abEN"]
     assert "".join(released) == "ab"  # "EN" could still become "END"
     assert d.push(ord("x")) == "ENx"  # it did not
