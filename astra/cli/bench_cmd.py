@@ -156,6 +156,12 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     trace.add_argument("--trace-seed", type=int, default=0, help="markov trace seed (default 0)")
     trace.add_argument(
+        "--trace-states",
+        default="20mbit,40mbit,60mbit,80mbit,100mbit",
+        metavar="RATES",
+        help="markov: the chain's rates (default the paper's 20,40,60,80,100 Mbit/s)",
+    )
+    trace.add_argument(
         "--groups-set",
         type=int_list,
         default=None,
@@ -221,7 +227,8 @@ def run_trace(args) -> int:
                 f"--duration must be a positive number of seconds, got {args.duration}"
             )
         if args.trace == "markov":
-            trace = markov_trace(args.duration, seed=args.trace_seed)
+            states = tuple(bandwidth_arg(r) for r in args.trace_states.split(",") if r.strip())
+            trace = markov_trace(args.duration, states=states, seed=args.trace_seed)
         else:
             trace = read_trace_csv(args.trace, args.duration)
         devices = tuple(args.devices or [4])
