@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from astra.bench import BenchConfig, run_bench
-from astra.trace import AdaptivePolicy, BandwidthTrace, LinkFit, fit_link, replay
+from astra.trace import AdaptivePolicy, BandwidthTrace, MeasuredTimes, fit_link, replay
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TraceBenchConfig:
     groups_set: tuple[int, ...] = (1,)  # ASTRA runs once per G
     adaptive: bool = False  # add the per-request choice of G (needs >= 2 G)
     min_groups: int = 1  # the adaptive policy's quality floor
-    tolerance: float = 0.05  # adaptive: within this fraction of the cheapest G's time
+    tolerance: float = 0.10  # adaptive: a G fits while its time is within this of its best
     perplexity_sequences: int = 8  # decoders: held-out sequences per G for perplexity
     perplexity_tokens: int = 256
     extra: dict = field(default_factory=dict)
@@ -64,14 +64,17 @@ def run_trace_bench(config: TraceBenchConfig, trace: BandwidthTrace, log=print) 
         label = r["method"] if r["method"] != "astra" else f"astra G={r['groups']}"
         points.setdefault(label, []).append((r["bandwidth_mbps"], r["total_ms"] / 1e3))
     fits = {label: fit_link(p) for label, p in points.items()}
+    times = {label: MeasuredTimes(tuple(p)) for label, p in points.items()}
     served = {
-        label: replay(trace, lambda now, seen, f=fit, label=label: (label, f.seconds(now)))
-        for label, fit in fits.items()
+        label: replay(trace, lambda now, seen, t=t, label=label: (label, t.seconds(now)))
+        for label, t in times.items()
     }
     perplexity: dict[str, float] = {}
     if config.adaptive:
         by_g = {
-            int(label.split("=")[1]): f for label, f in fits.items() if label.startswith("astra G=")
+            int(label.split("=")[1]): t
+            for label, t in times.items()
+            if label.startswith("astra G=")
         }
         policy = AdaptivePolicy(by_g, config.min_groups, config.tolerance)
         served["astra adaptive"] = replay(trace, policy.choose)
@@ -167,20 +170,22 @@ def write_trace_outputs(result: dict, out: Path, command: str) -> list[Path]:
     paths = [out / "trace.json", out / "trace.md", out / "trace.png"]
     _atomic_write(paths[0], json.dumps(meta | result, indent=2) + "\n")
     s = result["settings"]
+    lo, hi = min(result["trace"]["states_mbps"]), max(result["trace"]["states_mbps"])
     lines = [
         f"Requests served in {result['trace']['duration_s']:g} s of {result['trace']['source']}"
         f" (mean {result['trace']['mean_mbps']} Mbit/s, latency {s['latency_ms']:g} ms), "
         f"{s['model']}, {s['devices']} devices, {s['tokens']} tokens, {s['mode']} mode.",
         "",
-        "| method | requests served | prefill at 20 / 100 Mbit/s (s) | fit residual | perplexity |",
+        f"| method | requests served | prefill at {lo:g} / {hi:g} Mbit/s (s) | "
+        "residual of compute + bytes/bandwidth | perplexity |",
         "|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         fit = row.get("fit")
         timing = "-"
         if fit:
-            f = LinkFit(**fit)
-            timing = f"{f.seconds(20):.2f} / {f.seconds(100):.2f}"
+            t = MeasuredTimes(tuple(map(tuple, row["measured"])))
+            timing = f"{t.seconds(lo):.2f} / {t.seconds(hi):.2f}"
         residual = f"{fit['max_residual'] * 100:.1f} %" if fit else "-"
         ppl = f"{row['perplexity']:.2f}" if "perplexity" in row else "-"
         label = row["label"]

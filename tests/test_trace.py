@@ -8,6 +8,7 @@ from astra.trace import (
     AdaptivePolicy,
     BandwidthTrace,
     LinkFit,
+    MeasuredTimes,
     fit_link,
     markov_trace,
     read_trace_csv,
@@ -55,15 +56,27 @@ def test_replay_counts_what_fits_in_the_trace():
     assert served[7].mbps == 100.0 and served[-1].start_s + served[-1].seconds <= 20.0
 
 
-def test_adaptive_takes_the_richest_g_the_link_allows_above_the_floor():
-    fits = {1: LinkFit(1.0, 1.0, 0), 16: LinkFit(1.0, 16.0, 0), 32: LinkFit(1.0, 32.0, 0)}
-    policy = AdaptivePolicy(fits, min_groups=1, tolerance=0.05)
-    assert policy.choose(1000.0, None)[0] == "G=32"  # fast link: 32 costs 3 % more
-    assert policy.choose(20.0, None)[0] == "G=1"  # slow link: 32 costs 150 % more
-    assert policy.choose(1000.0, 20.0)[0] == "G=1"  # decides on what the last request saw
-    assert AdaptivePolicy(fits, min_groups=16).choose(20.0, None)[0] == "G=16"  # the floor
+def test_measured_times_interpolate_in_inverse_bandwidth():
+    t = MeasuredTimes(((20.0, 3.0), (100.0, 1.0)))
+    assert t.seconds(20) == 3.0 and t.seconds(100) == 1.0 and t.best_s == 1.0
+    # halfway in 1/bandwidth between 1/20 and 1/100 is 1/33.3
+    assert t.seconds(1 / ((1 / 20 + 1 / 100) / 2)) == pytest.approx(2.0)
+    assert t.seconds(5) == 3.0 and t.seconds(1000) == 1.0  # the nearest measurement outside
+
+
+def test_adaptive_takes_the_richest_g_whose_transfer_fits_above_the_floor():
+    # compute 1 s for every G; transfer G x 0.5 Mbit: fits at 100 Mbit/s, not at 1 Mbit/s
+    times = {
+        g: MeasuredTimes(tuple((m, 1.0 + g * 0.5 / m) for m in (1.0, 10.0, 100.0)))
+        for g in (1, 16, 32)
+    }
+    policy = AdaptivePolicy(times, min_groups=1, tolerance=0.10)
+    assert policy.choose(100.0, None)[0] == "G=32"  # fast link: the richest
+    assert policy.choose(10.0, None)[0] == "G=1"  # 32 and 16 would be 1.8x / 1.8x slower
+    assert policy.choose(100.0, 1.0)[0] == "G=1"  # decides on what the last request saw
+    assert AdaptivePolicy(times, min_groups=16).choose(1.0, None)[0] == "G=16"  # the floor
     with pytest.raises(ValueError, match="quality floor 64"):
-        AdaptivePolicy(fits, min_groups=64)
+        AdaptivePolicy(times, min_groups=64)
 
 
 def test_trace_bench_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path):

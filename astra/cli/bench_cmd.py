@@ -170,8 +170,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     trace.add_argument(
         "--adaptive",
         action="store_true",
-        help="also pick G per request: the richest G whose predicted time at the bandwidth "
-        "the previous request saw is within --tolerance of the cheapest allowed G's",
+        help="also pick G per request: the richest G whose transfer fits the bandwidth the "
+        "previous request saw (its time there within --tolerance of its best), never below "
+        "--min-groups",
     )
     trace.add_argument(
         "--min-groups",
@@ -182,8 +183,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     trace.add_argument(
         "--tolerance",
         type=float,
-        default=0.05,
-        help="adaptive: allowed slowdown over the cheapest G (default 0.05)",
+        default=0.10,
+        help="adaptive: a G's transfer fits while its predicted time is within this fraction "
+        "of its time on the fastest measured link (default 0.10)",
     )
     p.add_argument(
         "--out",
