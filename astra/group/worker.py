@@ -101,12 +101,10 @@ class RankState:
             from astra.parallel.artefact import load_astra
 
             if "astra" in spec.methods:
-                # a fine-tuned artefact carries its own weights: keep the checkpoint's apart
-                astra = load_astra(spec.artefact, load_model(spec.model_dir), spec.model_dir)
-                if not astra.fine_tuned:
-                    astra = load_astra(spec.artefact, model, spec.model_dir)
-                self.astra_model = astra.model
-                self.quantizers = astra.quantizers
+                astra = load_astra(spec.artefact, model, spec.model_dir)
+                self.astra_model, self.quantizers = astra.model, astra.quantizers
+                if astra.fine_tuned:  # its weights went into `model`: the others need the
+                    self.base = load_model(spec.model_dir)  # checkpoint's own
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
             to_compute_dtype_(m, DTYPES[spec.dtype])
         search = search_dtype(spec.search)
