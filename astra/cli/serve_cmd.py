@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import os
+import signal
 import socket
 import sys
 
@@ -183,6 +184,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("astra serve: interrupted", file=sys.stderr)
         return 130
+    # uvicorn stops gracefully on SIGTERM, then re-raises it under the handler it found: make
+    # that handler an exception, so the devices are shut down below instead of orphaned
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app = create_app(group, serve_config)
         server = uvicorn.Server(
@@ -191,9 +195,19 @@ def run(args) -> int:
         asyncio.run(_serve(server, _ready_line(args, group, serve_config)))
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 143
     finally:
         group.close()
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (a service manager stopping the server)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 async def _serve(server, ready_line: str) -> None:
