@@ -246,3 +246,40 @@ def test_queue_admission_is_bounded():
     assert full.value.status == 503 and full.value.headers == {"Retry-After": "3"}
     runner._done()
     assert runner.admit(retry_after_s=3).rid == len(tickets) + 1
+
+
+def test_image_features_equal_one_device():
+    """POST /v1/images/features on a ViT: 2 devices at full precision give one device's
+    class-token features; a bad image is a 400 naming the field."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    from astra.hub import models_dir
+
+    path = models_dir() / "dinov2-s"
+    if not (path / "config.json").is_file():
+        pytest.skip("needs dinov2-s (astra models prepare dinov2-s)")
+    s = Server("--model", "dinov2-s", "--devices", "2", "--method", "sp-fp32",
+               "--bandwidth", "inf", "--latency", "0")
+    try:
+        pixels = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        body = {"model": "dinov2-s", "image": base64.b64encode(buf.getvalue()).decode()}
+        r = httpx.post(f"{s.url}/v1/images/features", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["data"][0]["embedding"])
+        assert got.shape == (384,) and r.json()["usage"]["astra"][0]["devices"] == 2
+        from astra.models import image_transform, load_model
+
+        model = load_model(path)
+        with torch.no_grad():
+            ref = model(image_transform(path)(pixels)[None])[0, 0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        bad = httpx.post(f"{s.url}/v1/images/features", json={**body, "image": "not-base64!"})
+        assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
+    finally:
+        s.stop()
