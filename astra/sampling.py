@@ -31,6 +31,8 @@ class Sampling:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError(f"stop takes up to 4 non-empty strings, got {list(self.stop)}")
 
@@ -49,7 +51,8 @@ class Sampler:
         s = self.sampling
         if s.temperature == 0.0:
             return int(logits.argmax())
-        probs = torch.softmax(logits / s.temperature, dim=-1)
+        # shifted so the largest is 0: a tiny temperature sends the rest to -inf, not NaN
+        probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
         if s.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep a token while the mass before it is below top_p (the first always stays)

@@ -105,6 +105,15 @@ def test_bad_configs_name_the_value():
         Sampling(top_p=0.0)
 
 
+def test_hostile_sampling_values_are_refused_or_harmless(group):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        Sampling(seed=2**64)
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert Sampler(Sampling(temperature=1e-39, seed=0))(logits) == 1  # no NaN: the argmax
+    with pytest.raises(RequestError, match="not prepared"):
+        group.generate("x y z", GREEDY, method="sp-fp16")
+
+
 def test_sampler_is_seeded_and_greedy_at_zero():
     logits = torch.randn(100)
     assert Sampler(Sampling(temperature=0.0))(logits) == int(logits.argmax())
@@ -128,6 +137,16 @@ def test_detokenizer_holds_back_a_possible_stop_string():
     assert d.push(ord("x")) == "ENx"  # it did not
     assert d.push(ord("E")) + d.push(ord("N")) + d.push(ord("D")) == ""
     assert d.stopped and d.text == "abENx"
+    # the earliest stop string in the text wins, whatever its place in the list
+    pieces = {0: "a", 1: ".\n"}  # one token that brings both stop strings at once
+
+    class Pieces:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(pieces[i] for i in ids)
+
+    d = Detokenizer(Pieces(), ("\n", "."))
+    assert d.push(0) + d.push(1) == "a"
+    assert d.stopped and d.text == "a"
 
 
 def test_a_killed_device_fails_the_request_in_flight_and_the_group_reforms(tiny_llama_dir):

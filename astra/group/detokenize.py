@@ -20,11 +20,10 @@ class Detokenizer:
         full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        for s in self.stop:
-            at = full.find(s)
-            if at != -1:
-                self.stopped = True
-                return self._release(full[:at])
+        found = [at for at in (full.find(s) for s in self.stop) if at != -1]
+        if found:  # the earliest stop string in the text, whichever it is in the list
+            self.stopped = True
+            return self._release(full[: min(found)])
         hold = max((_overlap(full, s) for s in self.stop), default=0)
         return self._release(full[: len(full) - hold])
 

@@ -139,6 +139,7 @@ class Group:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # one request at a time through the group
         self._started = False
+        self._closing = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -171,6 +172,7 @@ class Group:
         return self
 
     def close(self) -> None:
+        self._closing = True  # a request still running must not re-form the group now
         members, self._members = self._members, None
         if members is not None:
             for inbox in members.inboxes:
@@ -215,8 +217,9 @@ class Group:
         ctx = mp_context()
         inboxes = [ctx.Queue() for _ in range(devices)]
         outbox = ctx.Queue()
-        cancel = ctx.Value("q", -1)
-        beats = ctx.Array("d", [time.time()] * devices)
+        # lock-free: a worker stopped while holding a lock would freeze the parent's checks
+        cancel = ctx.Value("q", -1, lock=False)
+        beats = ctx.Array("d", [time.time()] * devices, lock=False)
         procs = start_ranks(
             serve_rank,
             devices,
@@ -230,7 +233,7 @@ class Group:
         ready: dict[int, dict] = {}
         try:
             while len(ready) < devices:
-                problem = self._problem(members, waiting=set(range(devices)) - set(ready))
+                problem = self._problem(members, set(range(devices)) - set(ready), silence=False)
                 if problem is None and time.monotonic() > deadline:
                     late = sorted(set(range(devices)) - set(ready))
                     problem = f"devices {late} were not ready after {c.start_timeout_s:g} s"
@@ -250,12 +253,15 @@ class Group:
         members.info = [ready[r] for r in range(devices)]
         return members
 
-    def _problem(self, members: _Members, waiting: set[int]) -> str | None:
-        """The first device that died or stopped answering, in words; None if all are well."""
+    def _problem(self, members: _Members, waiting: set[int], silence: bool = True) -> str | None:
+        """The first device that died or stopped answering, in words; None if all are well.
+        silence=False while starting: a worker beats only once it has joined the group."""
         now = time.time()
         for rank, proc in enumerate(members.procs):
             if proc.exitcode is not None and rank in waiting:
                 return f"device {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+            if not silence:
+                continue
             silent = now - members.beats[rank]
             # half the collective timeout: a frozen device is named by its silence before
             # its peers' collectives time out waiting for it (and blame each other)
@@ -268,21 +274,28 @@ class Group:
                 )
         return None
 
-    def _reform(self, reason: str) -> None:
-        """Drop the failed incarnation and start again on one device fewer."""
+    def _reform(self, reason: str, drop_device: bool = True) -> None:
+        """Drop the failed incarnation and start again, on one device fewer when a device
+        failed (on as many when a request only ran out of time: its devices are still well)."""
         members, self._members = self._members, None
         if members is not None:
             stop_ranks(members.procs, grace_s=0.0)
+        if self._closing:
+            raise GroupError(f"{reason}; the group is closing")
         self.failures.append(reason)
-        self.devices = max(1, self.devices - 1)
+        if drop_device:
+            self.devices = max(1, self.devices - 1)
         log.warning("astra: %s; re-forming the group on %d device(s)", reason, self.devices)
         self._members = self._start_members(self.devices)
 
     def heal(self) -> bool:
         """Re-form now if a device died or froze while the group was idle; True if it did."""
-        if self._members is None or not self._lock.acquire(blocking=False):
+        if not self._started or not self._lock.acquire(blocking=False):
             return False
         try:
+            if self._members is None:  # the last re-forming failed: try again
+                self._reform("the last re-forming failed", drop_device=False)
+                return True
             problem = self._problem(self._members, set(range(self.devices)))
             if problem is None:
                 return False
@@ -499,6 +512,11 @@ class Group:
 
     def _choose(self, method: str | None, prompt_tokens: int) -> tuple[str, bool]:
         """(method to run, whether the one-device fallback chose it)."""
+        if method is not None and method not in self.config.methods:
+            raise RequestError(
+                f"method {method!r} was not prepared by this group; it has "
+                f"{', '.join(self.config.methods)} (GroupConfig.methods)"
+            )
         asked = self.method_for(method or self.config.method)
         if asked != "single" and prompt_tokens < self.devices:
             return "single", True  # every device needs a token of its own to share the work
@@ -532,8 +550,10 @@ class Group:
         with self._lock:
             started = time.perf_counter()
             queue_ms = (started - queued_at) * 1e3 if queued_at is not None else 0.0
-            if self._members is None:
+            if not self._started:
                 raise GroupError("the device group is not running (call start())")
+            if self._members is None:  # the last re-forming failed: try again
+                self._reform("the last re-forming failed", drop_device=False)
             problem = self._problem(self._members, set(range(self.devices)))
             if problem is not None:  # a device failed while the group was idle
                 self._reform(problem)
@@ -553,34 +573,11 @@ class Group:
             for inbox in members.inboxes:
                 inbox.put(item)
             results: dict[int, dict | None] = {}
-            deadline = time.monotonic() + self.config.request_timeout_s
-            while len(results) < self.devices:
-                problem = self._problem(members, set(range(self.devices)) - set(results))
-                if problem is None and time.monotonic() > deadline:
-                    late = sorted(set(range(self.devices)) - set(results))
-                    problem = (
-                        f"request {rid} ran past --request-timeout "
-                        f"{self.config.request_timeout_s:g} s; devices {late} had not finished"
-                    )
-                if problem is not None:
-                    self._fail(f"{problem} during request {rid}")
-                try:
-                    msg = members.outbox.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                kind, rank = msg[0], msg[1]
-                if msg[2] != rid:
-                    continue  # a late message of an earlier request
-                if kind == "token":
-                    yield msg[3]
-                elif kind == "done":
-                    results[rank] = msg[3]
-                elif kind == "error":
-                    # a peer's failure often surfaces first as this device's broken
-                    # collective: give the cause a moment to show, and name it instead
-                    time.sleep(0.2)
-                    cause = self._problem(members, set(range(self.devices)) - {rank})
-                    self._fail(cause or f"device {rank} failed during request {rid}: {msg[3]}")
+            try:
+                yield from self._collect(members, rid, results)
+            except GeneratorExit:  # the caller stopped listening: stop the devices drawing
+                self.cancel(rid)
+                raise
             record = self._record(chosen, results, prompt_tokens)
             record.queue_ms = round(queue_ms, 2)
             record.total_ms = round((time.perf_counter() - started) * 1e3, 2)
@@ -589,9 +586,41 @@ class Group:
             record.requested_method = asked if asked != chosen else None
             yield record
 
-    def _fail(self, reason: str) -> None:
+    def _collect(self, members: _Members, rid: int, results: dict) -> Iterator[int]:
+        """Token ids of request rid as they arrive; every device's statistics into results."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while len(results) < self.devices:
+            problem = self._problem(members, set(range(self.devices)) - set(results))
+            if problem is not None:
+                self._fail(f"{problem} during request {rid}")
+            if time.monotonic() > deadline:  # the devices are well, the request too long
+                late = sorted(set(range(self.devices)) - set(results))
+                self._fail(
+                    f"request {rid} ran past --request-timeout "
+                    f"{self.config.request_timeout_s:g} s; devices {late} had not finished",
+                    drop_device=False,
+                )
+            try:
+                msg = members.outbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            kind, rank = msg[0], msg[1]
+            if msg[2] != rid:
+                continue  # a late message of an earlier request
+            if kind == "token":
+                yield msg[3]
+            elif kind == "done":
+                results[rank] = msg[3]
+            elif kind == "error":
+                # a peer's failure often surfaces first as this device's broken
+                # collective: give the cause a moment to show, and name it instead
+                time.sleep(0.2)
+                cause = self._problem(members, set(range(self.devices)) - {rank})
+                self._fail(cause or f"device {rank} failed during request {rid}: {msg[3]}")
+
+    def _fail(self, reason: str, drop_device: bool = True) -> None:
         devices = self.devices
-        self._reform(reason)
+        self._reform(reason, drop_device)
         raise GroupError(
             f"{reason}; the request was abandoned and the group re-formed on {self.devices} of "
             f"{devices} devices"

@@ -68,6 +68,7 @@ class _Ticket:
         self.rid = rid
         self.queued_at = time.perf_counter()
         self.cancelled = threading.Event()
+        self.started = False  # the group has taken it: only then may it be cancelled there
 
 
 class GroupRunner:
@@ -107,6 +108,7 @@ class GroupRunner:
 
         def run():
             try:
+                ticket.started = True  # before the check: cancel() sees one or the other
                 if ticket.cancelled.is_set():
                     return None
                 return work()
@@ -125,8 +127,14 @@ class GroupRunner:
                 await loop.run_in_executor(self.executor, self.group.heal)
 
     def cancel(self, ticket: _Ticket) -> None:
+        """A queued request never starts; a running one stops drawing tokens. The group has
+        one cancel slot, so a request that has not started must not touch it (it would
+        overwrite the running request's cancel)."""
+        if ticket.cancelled.is_set():
+            return
         ticket.cancelled.set()
-        self.group.cancel(ticket.rid)
+        if ticket.started:
+            self.group.cancel(ticket.rid)
 
 
 def create_app(group: Group, config: ServeConfig) -> FastAPI:
@@ -255,8 +263,14 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{ticket.rid}"
         path = request.url.path
         if body.stream:
-            events = stream_events(ticket, ids, sampling, rid, chat, body.include_usage, path)
-            return EventSourceResponse(events, ping=15)
+            # submitted here, not in the response body: a client that leaves before the body
+            # starts still releases its place in the queue when the work finishes
+            events: asyncio.Queue = asyncio.Queue()
+            future = runner.submit(ticket, stream_work(ticket, ids, sampling, events, path))
+            return EventSourceResponse(
+                stream_events(ticket, future, events, rid, chat, body.include_usage, path),
+                ping=15,
+            )
         work = lambda: group.generate(ids, sampling, None, ticket.rid, ticket.queued_at)  # noqa: E731
         out: Completion = await wait_for(request, ticket, runner.submit(ticket, work), path)
         metrics.observe(out.record, path)
@@ -282,9 +296,9 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
             raise ApiError(499, "client closed the request", "cancelled")
         return result
 
-    async def stream_events(ticket, ids, sampling, rid, chat, include_usage, path):
+    def stream_work(ticket, ids, sampling, events: asyncio.Queue, path: str):
+        """The group's side of a stream: each event onto the loop's queue."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
 
         def work():
             try:
@@ -296,7 +310,9 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
                 loop.call_soon_threadsafe(events.put_nowait, exc)
             return True
 
-        future = runner.submit(ticket, work)
+        return work
+
+    async def stream_events(ticket, future, events, rid, chat, include_usage, path):
         finished = False
         try:
             if chat:
@@ -435,7 +451,13 @@ def _decode_image(text: str):
     try:
         raw = base64.b64decode(text, validate=True)
         image = Image.open(io.BytesIO(raw)).convert("RGB")
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+    except (
+        binascii.Error,
+        ValueError,
+        UnidentifiedImageError,
+        OSError,
+        Image.DecompressionBombError,
+    ) as exc:
         raise ApiError(
             400, f"image: not a base64-encoded PNG or JPEG ({exc})", "invalid_request_error"
         ) from None
