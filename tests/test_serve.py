@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,20 +24,22 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "astra.cli.main", "serve", "--port", str(self.port), *args]
-        self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         deadline = time.monotonic() + timeout_s
-        while True:  # the ready line comes after the port is bound
+        while True:  # the ready line comes after the port is bound; never wait unbounded
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("astra serve was not ready in time")
+            readable, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+            if not readable:
+                continue
             line = self.proc.stdout.readline()
             if "ready at" in line:
                 self.ready_line = line
                 break
             if not line and self.proc.poll() is not None:
                 raise RuntimeError(f"astra serve exited with {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("astra serve was not ready in time")
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kw)
