@@ -44,6 +44,7 @@ from astra.parallel.engine import (
 )
 from astra.parallel.passes import (
     check_dtype,
+    decode_cache_bytes,
     embed_inputs,
     encoder_output,
     pool_output,
@@ -424,11 +425,7 @@ def _decode(model, first: int, start: int, new_tokens: int, now, remote_cache: s
         token = int(model.head(x).argmax(-1))
         steps.append(token)
     tpot = (now() - t0) * 1e3 / max(new_tokens - 1, 1)
-    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
-    for block in model.blocks:
-        for key, value in block.attn.cache_bytes().items():
-            cache[key] += value
-    return steps, tpot, cache
+    return steps, tpot, decode_cache_bytes(model)
 
 
 def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
@@ -668,15 +665,10 @@ def _run_composed(config: RunConfig, model_dir: Path, inputs, decoder, progress,
     class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
     quant = {}
     if artefact is not None:
-        from astra.parallel.artefact import read_artefact
+        from astra.parallel.artefact import codebook_summary
 
-        cfg = read_artefact(artefact, model_dir)["config"]
-        class_tokens = cfg["class_tokens"]
-        quant = {
-            "groups": cfg["num_groups"],
-            "codebook_size": cfg["codebook_size"],
-            "quant_point": cfg["quant_point"],
-        }
+        quant = codebook_summary(artefact, model_dir)
+        class_tokens = quant.pop("class_tokens")
     mode = config.resolved_mode()
     records = []
     for method in config.methods:

@@ -154,19 +154,13 @@ class Group:
         if self._started:
             return self
         if "astra" in self.config.methods and self.config.devices > 1:
-            from astra.parallel.artefact import read_artefact
+            from astra.parallel.artefact import codebook_summary
             from astra.runner import ensure_codebooks
 
             self.artefact = ensure_codebooks(
                 self.model_dir, self.config.quant, self.config.model, self.progress
             )
-            cfg = read_artefact(self.artefact, self.model_dir)["config"]
-            self.quant_info = {
-                "groups": cfg["num_groups"],
-                "codebook_size": cfg["codebook_size"],
-                "quant_point": cfg["quant_point"],
-                "class_tokens": cfg["class_tokens"],
-            }
+            self.quant_info = codebook_summary(self.artefact, self.model_dir)
         self._members = self._start_members(self.devices)
         self._started = True
         return self

@@ -36,6 +36,7 @@ from astra.parallel.engine import (
     sequence_parallel_forward,
 )
 from astra.parallel.passes import (
+    decode_cache_bytes,
     embed_inputs,
     encoder_output,
     pool_output,
@@ -347,7 +348,7 @@ def _run_sequence_parallel(
         logits = model.head(hidden[:, -1:])
         out.update(_generate(logits, step, x_full.shape[1], item, emit, cancelled, comm.now))
         out["ttft_ms"] = out["prefill_ms"] = (out.pop("first_at") - t0) * 1e3
-        out["kv_cache"] = _cache_bytes(model)
+        out["kv_cache"] = decode_cache_bytes(model)
     comm.wait_sends()  # streamed codes delivered before this rank's numbers are final
     out["comm"] = comm.stats.to_dict()
     return out
@@ -362,11 +363,3 @@ def _next_token_nll(model: nn.Module, hidden, positions, ids) -> dict:
     targets = ids[0, positions[keep] + 1]  # (T_kept,)
     nll = torch.nn.functional.cross_entropy(logits[0], targets, reduction="sum")
     return {"nll_sum": float(nll), "nll_count": int(targets.numel())}
-
-
-def _cache_bytes(model: nn.Module) -> dict:
-    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
-    for block in model.blocks:
-        for key, value in block.attn.cache_bytes().items():
-            cache[key] += value
-    return cache

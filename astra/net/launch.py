@@ -128,30 +128,9 @@ def start_ranks(
     the processes: it watches them and ends them with `stop_ranks`."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    backend = resolve_backend(backend)
-    port = free_port()
     ctx = _context(start_method)
-    procs = [
-        ctx.Process(
-            target=_resident,
-            daemon=True,
-            name=f"astra-device{rank}",
-            args=(
-                rank,
-                world_size,
-                fn,
-                args,
-                threads_per_worker,
-                backend,
-                port,
-                collective_timeout_s,
-            ),
-        )
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    return procs
+    setup = (fn, args, threads_per_worker, resolve_backend(backend), free_port())
+    return _start(ctx, _resident, "astra-device", world_size, (*setup, collective_timeout_s))
 
 
 def stop_ranks(procs: list, grace_s: float = 2.0) -> None:
@@ -197,27 +176,8 @@ def spawn(
     collective_timeout_s = collective_timeout_s if collective_timeout_s is not None else timeout_s
     ctx = _context(start_method)
     results = ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            daemon=True,
-            name=f"astra-rank{rank}",
-            args=(
-                rank,
-                world_size,
-                fn,
-                args,
-                threads_per_worker,
-                backend,
-                port,
-                collective_timeout_s,
-                results,
-            ),
-        )
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
+    setup = (fn, args, threads_per_worker, backend, port, collective_timeout_s, results)
+    procs = _start(ctx, _worker, "astra-rank", world_size, setup)
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
     errors: dict[int, str] = {}
@@ -265,6 +225,19 @@ def spawn(
     finally:
         _reap(procs, grace_s=10.0 if len(values) == world_size else 0.0)
         results.close()
+
+
+def _start(ctx, target: Callable, name: str, world_size: int, setup: tuple) -> list:
+    """world_size daemon processes running target(rank, world_size, *setup), started."""
+    procs = [
+        ctx.Process(
+            target=target, daemon=True, name=f"{name}{rank}", args=(rank, world_size, *setup)
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    return procs
 
 
 def _context(start_method: str):

@@ -70,6 +70,18 @@ def read_artefact(path: str | Path, model_dir: str | Path) -> dict:
     return blob
 
 
+def codebook_summary(path: str | Path, model_dir: str | Path) -> dict:
+    """What a result record says of an artefact's codebooks (the ones that actually run,
+    whatever flags were given), plus its class-token mode."""
+    cfg = read_artefact(path, model_dir)["config"]
+    return {
+        "groups": cfg["num_groups"],
+        "codebook_size": cfg["codebook_size"],
+        "quant_point": cfg["quant_point"],
+        "class_tokens": cfg["class_tokens"],
+    }
+
+
 def load_astra(path: str | Path, model: nn.Module, model_dir: str | Path) -> AstraModel:
     """The model with ASTRA applied and the artefact's codebooks (and weights) loaded."""
     blob = read_artefact(path, model_dir)

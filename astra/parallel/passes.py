@@ -75,3 +75,12 @@ def encoder_output(model, hidden, layout, seq, comm) -> torch.Tensor:
     # single class token on rank 0
     cls = hidden[:, 0] if layout.rank == 0 else hidden.new_zeros(1, hidden.shape[-1])
     return model.head(comm.all_gather_tensor(cls)[0][None])[0, 0]
+
+
+def decode_cache_bytes(model) -> dict:
+    """The decode device's KV cache after decoding, summed over blocks (DecodeAttention)."""
+    cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
+    for block in model.blocks:
+        for key, value in block.attn.cache_bytes().items():
+            cache[key] += value
+    return cache
