@@ -40,6 +40,7 @@ from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
 from astra.runner import Job, RunConfig, build_inputs, run_ranks, summarize
+from astra.storage import atomic_path, write_json, write_text
 
 BENCH_METHODS = tuple(METHODS)  # every method in astra.methods, prefill-only baselines too
 
@@ -227,7 +228,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
             class_tokens = astra_config.class_tokens
         elif tokens not in artefacts:
             artefacts[tokens] = timing_artefact(
-                model_dir, astra_config, inputs, tmp / f"timing-{tokens}.pt"
+                model_dir, astra_config, inputs, tmp / f"timing-{tokens}.safetensors"
             )
         artefact = artefact or artefacts[tokens]
     world = 1 if method == "single" else n
@@ -334,8 +335,6 @@ def _record(config, job, world, tokens, bw, results, family, astra_config, decod
 
 def write_outputs(records: list[dict], out: Path, command: str, config: BenchConfig) -> list[Path]:
     """JSON (records + command + config), a markdown table and a latency-vs-bandwidth plot."""
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "bench"
     meta = {
@@ -345,8 +344,8 @@ def write_outputs(records: list[dict], out: Path, command: str, config: BenchCon
         "date": time.strftime("%Y-%m-%d"),
         "records": records,
     }
-    (stem.with_suffix(".json")).write_text(json.dumps(meta, indent=2) + "\n")
-    (stem.with_suffix(".md")).write_text(markdown_table(records, command))
+    write_json(stem.with_suffix(".json"), meta)
+    write_text(stem.with_suffix(".md"), markdown_table(records, command))
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     png = plot_latency(records, stem.with_suffix(".png"))
     if png is not None:
@@ -421,7 +420,8 @@ def plot_latency(records: list[dict], path: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from astra.hub import cache_dir
+from astra.storage import write_text
 
 SPLITS = ("train", "val", "test")
 
@@ -169,9 +170,7 @@ def _austen_by_var() -> dict[str, str]:
     novels = _read_austen_rdb(_austen_data_dir())
     cached.mkdir(parents=True, exist_ok=True)
     for var, f in files.items():
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(novels[var], encoding="utf-8")
-        os.replace(tmp, f)
+        write_text(f, novels[var])
     return novels
 
 

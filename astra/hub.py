@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from astra.storage import write_text
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "astra_manifest.json"
@@ -290,7 +292,7 @@ def get_source(name: str) -> ModelSource:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:

@@ -32,7 +32,7 @@ from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
 from astra.net.lockstep import run_lockstep, share_weights_copy
-from astra.parallel.artefact import load_astra
+from astra.parallel.artefact import codebook_summary, load_astra
 from astra.parallel.config import AstraConfig
 from astra.parallel.engine import (
     build_rank_layout,
@@ -220,7 +220,7 @@ def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
         cache_dir()
         / "artefacts"
         / f"{model_dir.name}-{tag}-{config.quant_point}-g{config.num_groups}"
-        f"-k{config.codebook_size}.pt"
+        f"-k{config.codebook_size}.safetensors"
     )
 
 
@@ -665,8 +665,6 @@ def _run_composed(config: RunConfig, model_dir: Path, inputs, decoder, progress,
     class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
     quant = {}
     if artefact is not None:
-        from astra.parallel.artefact import codebook_summary
-
         quant = codebook_summary(artefact, model_dir)
         class_tokens = quant.pop("class_tokens")
     mode = config.resolved_mode()
@@ -709,7 +707,7 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
         artefact = ensure_artefact(config, model_dir, progress=rank == 0)
         if config.artefact is None and rank == 0:
             dist.barrier(group)
-        class_tokens = torch.load(artefact, weights_only=False)["config"]["class_tokens"]
+        class_tokens = codebook_summary(artefact, model_dir)["class_tokens"]
         job = job_for(
             config, "astra", world_size, model_dir, artefact, inputs, class_tokens, decoder
         )

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from astra import datasets
 from astra.models import image_transform, load_tokenizer, mean_pool, model_family
+from astra.storage import load_tensors, save_tensors
+
+PROBE_KIND = "astra-probe/1"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class ImageClassification(Task):
         """Fit the linear head on full-precision class-token features (L2-regularised softmax
         regression, LBFGS), or load it from `cache` when it was fitted before."""
         if cache is not None and cache.is_file():
-            self.probe.load_state_dict(torch.load(cache, weights_only=True))
+            self.probe.load_state_dict(load_tensors(cache, kind=PROBE_KIND))
             return
         from tqdm.auto import tqdm
 
@@ -133,8 +136,7 @@ class ImageClassification(Task):
             self.probe.weight.copy_(w.weight / std)
             self.probe.bias.copy_(w.bias - (w.weight * (mean / std)).sum(1))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.probe.state_dict(), cache)
+            save_tensors(cache, self.probe.state_dict(), kind=PROBE_KIND)
 
 
 class LanguageModeling(Task):

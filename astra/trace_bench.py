@@ -10,12 +10,12 @@ choices cost in accuracy.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from astra.bench import BenchConfig, run_bench
+from astra.storage import atomic_path, write_json, write_text
 from astra.trace import AdaptivePolicy, BandwidthTrace, MeasuredTimes, fit_link, replay
 
 
@@ -168,7 +168,7 @@ def write_trace_outputs(result: dict, out: Path, command: str) -> list[Path]:
     ).stdout.strip()
     meta = {"command": command, "git_commit": commit, "date": time.strftime("%Y-%m-%d")}
     paths = [out / "trace.json", out / "trace.md", out / "trace.png"]
-    _atomic_write(paths[0], json.dumps(meta | result, indent=2) + "\n")
+    write_json(paths[0], meta | result)
     s = result["settings"]
     lo, hi = min(result["trace"]["states_mbps"]), max(result["trace"]["states_mbps"])
     lines = [
@@ -193,7 +193,7 @@ def write_trace_outputs(result: dict, out: Path, command: str) -> list[Path]:
             label += " (" + ", ".join(f"{g}: {n}" for g, n in row["chosen"].items()) + ")"
         lines.append(f"| {label} | {row['served']} | {timing} | {residual} | {ppl} |")
     lines += ["", f"Command: `{command}` (commit {commit})."]
-    _atomic_write(paths[1], "\n".join(lines) + "\n")
+    write_text(paths[1], "\n".join(lines) + "\n")
     _plot(result, paths[2])
     return paths
 
@@ -217,13 +217,6 @@ def _plot(result: dict, path: Path) -> None:
     bottom.set_ylabel("request latency (s)")
     bottom.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

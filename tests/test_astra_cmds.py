@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 import transformers
 
+from astra import storage
 from astra.cli import astra_cmds
 from astra.cli.main import main
 from astra.models import load_model
@@ -21,7 +23,8 @@ from astra.parallel.artefact import ArtefactMismatchError, load_astra, save_arte
 from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import apply_astra
-from astra.parallel.train import calibrate_, evaluate, finetune
+from astra.parallel.train import CHECKPOINT_KIND, calibrate_, evaluate, finetune
+from astra.storage import load_tensors
 from astra.tasks import LanguageModeling, TaskConfig
 
 VOCAB = 97
@@ -72,7 +75,7 @@ def _error_line(capsys) -> str:
 def test_artefact_for_another_model_is_refused(tiny, tmp_path, capsys):
     dir_a, dir_b = tiny
     astra = apply_astra(load_model(dir_a), AstraConfig(num_groups=1, codebook_size=4))
-    art = save_artefact(tmp_path / "a.pt", astra, dir_a)
+    art = save_artefact(tmp_path / "a.safetensors", astra, dir_a)
     with pytest.raises(ArtefactMismatchError, match="was made for the model with checksum"):
         load_astra(art, load_model(dir_b), dir_b)
     for cmd in (
@@ -108,7 +111,7 @@ def test_calibrate_eval_round_trip_through_the_library(tiny):
     report = calibrate_(astra, task, num_sequences=8, kmeans_iters=3, progress=False)
     errors = report["relative_error_per_block"]
     assert len(errors) == 2 and all(len(b) == 2 and 0 <= e < 1 for b in errors for e in b)
-    art = save_artefact(dir_a.parent / "cal.pt", astra, dir_a)
+    art = save_artefact(dir_a.parent / "cal.safetensors", astra, dir_a)
     loaded = load_astra(art, load_model(dir_a), dir_a)
     full = evaluate(loaded, task, None, limit=4, progress=False)
     quantized = evaluate(loaded, task, PlacementConfig(4), limit=4, progress=False)
@@ -117,7 +120,7 @@ def test_calibrate_eval_round_trip_through_the_library(tiny):
 
 def test_cli_calibrate_finetune_eval(tiny, tmp_path, capsys):
     dir_a, _ = tiny
-    cal, ft = tmp_path / "cal.pt", tmp_path / "ft.pt"
+    cal, ft = tmp_path / "cal.safetensors", tmp_path / "ft.pt"
     assert (
         main(
             [
@@ -231,7 +234,7 @@ def test_finetune_resumes_at_the_saved_step(tiny, tmp_path):
 
     with pytest.raises(_Stop):
         _finetune(dir_a, ckpt, interrupt)
-    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    assert load_tensors(ckpt, CHECKPOINT_KIND)["step"] == 2
     resumed, history = _finetune(dir_a, ckpt)
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     straight, straight_history = _finetune(dir_a)
@@ -241,6 +244,29 @@ def test_finetune_resumes_at_the_saved_step(tiny, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_checkpoint_interrupted_mid_write_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    """Ctrl-C while step 3's checkpoint is being renamed into place: step 2's survives, no temp
+    file is left, and the run resumes from it to the same result as an uninterrupted run."""
+    dir_a, _ = tiny
+    ckpt = tmp_path / "ft.ckpt"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if load_tensors(src, CHECKPOINT_KIND)["step"] == 3:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _finetune(dir_a, ckpt)
+    monkeypatch.setattr(storage.os, "replace", real_replace)
+    assert load_tensors(ckpt, CHECKPOINT_KIND)["step"] == 2
+    assert [p.name for p in ckpt.parent.glob("*ft.ckpt*")] == ["ft.ckpt"]  # no temp left
+    _, history = _finetune(dir_a, ckpt)
+    _, straight = _finetune(dir_a)
+    assert history[-1]["loss"] == pytest.approx(straight[-1]["loss"], abs=1e-6)
+
+
 def test_eval_runtime_scores_real_processes_like_the_simulation(tiny, tmp_path, capsys):
     """`astra eval --runtime`: the same perplexity through two real worker processes."""
     dir_a, _ = tiny
@@ -248,7 +274,7 @@ def test_eval_runtime_scores_real_processes_like_the_simulation(tiny, tmp_path, 
     astra = apply_astra(model, AstraConfig(quant_point="kv", num_groups=2, codebook_size=8))
     task = SyntheticLM(model, dir_a, TaskConfig(seq_len=16, batch_size=4))
     calibrate_(astra, task, num_sequences=8, progress=False)
-    cal = save_artefact(tmp_path / "cal.pt", astra, dir_a)
+    cal = save_artefact(tmp_path / "cal.safetensors", astra, dir_a)
     metrics = {}
     for flag in ((), ("--runtime",)):
         out = tmp_path / f"eval{len(flag)}.json"

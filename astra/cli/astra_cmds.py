@@ -14,27 +14,37 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from astra.cli.common import fail, int_list, positive_int, user_errors, write_json
+from astra.cli.common import (
+    add_force_arg,
+    fail,
+    int_list,
+    positive_int,
+    user_errors,
+    write_json,
+)
 
 log = logging.getLogger("astra")
 
 CALIBRATE_EPILOG = """\
 examples:
   astra calibrate --model dinov2-s --groups 32 --codebook-size 1024
-  astra calibrate --model smollm2-135m --groups 1 --point kv --kmeans-iters 5 --out sm-g1.pt
+  astra calibrate --model smollm2-135m --groups 1 --point kv --kmeans-iters 5 \\
+      --out sm-g1.safetensors
 """
 FINETUNE_EPILOG = """\
 examples:
-  astra finetune --model dinov2-s --init dino-g32.pt --devices 4 --steps 200 --out dino-g32-ft.pt
+  astra finetune --model dinov2-s --init dino-g32.safetensors --devices 4 --steps 200 \\
+      --out dino-g32-ft.safetensors
   astra finetune --model dinov2-s --groups 1 --devices 4 --steps 100 --checkpoint ft.ckpt
 
 Re-running with the same --checkpoint resumes at the saved step.
 """
 EVAL_EPILOG = """\
 examples:
-  astra eval --model dinov2-s --artefacts dino-g32.pt dino-g32-ft.pt --devices 4 --limit 1000
-  astra eval --model smollm2-135m --artefacts sm-g1.pt --devices 1,2,4 --json ppl.json
-  astra eval --model smollm2-135m --artefacts sm-g1.pt --devices 2 --runtime --limit 8
+  astra eval --model dinov2-s --artefacts dino-g32.safetensors dino-g32-ft.safetensors \\
+      --devices 4 --limit 1000
+  astra eval --model smollm2-135m --artefacts sm-g1.safetensors --devices 1,2,4 --json ppl.json
+  astra eval --model smollm2-135m --artefacts sm-g1.safetensors --devices 2 --runtime --limit 8
 
 Rows are computed with the single-process simulation of N devices (the paper's Eq. 1), or
 with --runtime (decoders) through a persistent group of N real worker processes, the same
@@ -157,6 +167,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
         metavar="PATH",
         help="artefact to write (default: a descriptive name under $ASTRA_HOME/artefacts)",
     )
+    add_force_arg(p)
     p.set_defaults(runner=run_calibrate)
     return p
 
@@ -246,6 +257,7 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
         help="artefact with codebooks + fine-tuned weights (+ linear head) "
         "(default: a descriptive name under $ASTRA_HOME/artefacts)",
     )
+    add_force_arg(p)
     p.set_defaults(runner=run_finetune)
     return p
 
@@ -332,7 +344,8 @@ def probe_cache_path(model_dir: Path, task) -> Path:
     """Where the full-precision linear head lives: keyed by model checksum, image size and the
     number of images it was fitted on."""
     c = task.config
-    return _artefact_dir() / f"probe-{_tag(model_dir)}-{c.image_size}px-{c.probe_train_images}.pt"
+    name = f"probe-{_tag(model_dir)}-{c.image_size}px-{c.probe_train_images}.safetensors"
+    return _artefact_dir() / name
 
 
 def ensure_probe_(task, model, model_dir: Path, probe_state: dict | None, progress: bool) -> str:
@@ -454,7 +467,7 @@ def calibrate_command(args) -> dict:
         else _artefact_dir()
         / (
             f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
-            f"-{cfg.class_tokens}-calibrated.pt"
+            f"-{cfg.class_tokens}-calibrated.safetensors"
         )
     )
     extra = {
@@ -556,7 +569,7 @@ def finetune_command(args) -> dict:
         else _artefact_dir()
         / (
             f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
-            f"-{cfg.class_tokens}-ft{args.devices}x{args.steps}.pt"
+            f"-{cfg.class_tokens}-ft{args.devices}x{args.steps}.safetensors"
         )
     )
     settings = {

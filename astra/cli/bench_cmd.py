@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
@@ -189,11 +190,12 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        default="benchmarks/results/bench",
+        default=None,
         metavar="DIR",
-        help="where bench.json, bench.md and bench.png go",
+        help="where bench.json, bench.md and bench.png go (default: a new folder under "
+        "$ASTRA_HOME/bench, printed at the end)",
     )
-    p.set_defaults(runner=run)
+    p.set_defaults(runner=run, out_is_dir=True)
     return p
 
 
@@ -211,10 +213,24 @@ def run(args) -> int:
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
         return fail(str(exc))
     command = "astra " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = write_outputs(records, Path(args.out), command, config)
+    paths = write_outputs(records, _out_dir(args, "bench"), command, config)
     print(Path(paths[1]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
+    failed = sorted({f"{r['method']} x{r['devices']}: {r['skipped']}" for r in records
+                     if "skipped" in r})  # fmt: skip
+    if failed:
+        print(f"astra: error: {len(failed)} runs failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
+
+
+def _out_dir(args, kind: str) -> Path:
+    """--out, or a new time-stamped folder in the cache (never the current directory)."""
+    if args.out is not None:
+        return Path(args.out)
+    from astra.hub import cache_dir
+
+    return cache_dir() / kind / time.strftime("%Y%m%d-%H%M%S")
 
 
 def run_trace(args) -> int:
@@ -246,8 +262,7 @@ def run_trace(args) -> int:
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
         return fail(str(exc))
     command = "astra " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out = Path(args.out if args.out != "benchmarks/results/bench" else "benchmarks/results/trace")
-    paths = write_trace_outputs(result, out, command)
+    paths = write_trace_outputs(result, _out_dir(args, "trace"), command)
     print(Path(paths[1]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

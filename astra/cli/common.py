@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from astra import storage
 from astra.group.config import DTYPES, SEARCHES
 from astra.net.link import parse_bandwidth, parse_latency
 from astra.parallel.runtime import EXCHANGES
@@ -150,21 +150,28 @@ def add_search_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def write_json(path: str | Path | None, obj) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    """Atomically (astra.storage); nothing for no path."""
+    if path is not None:
+        storage.write_json(path, obj)
 
 
-def _jsonable(value):
-    import torch
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path a command will write can be written, checked before any work starts, so a
+    bad path costs one line (exit 2), not a finished run. A file-valued --out is refused when it
+    exists unless --force; --json is a report and is overwritten."""
+    storage.check_output(getattr(args, "json", None), force=True, flag="--json")
+    storage.check_output(getattr(args, "checkpoint", None), force=True, flag="--checkpoint")
+    out = getattr(args, "out", None)
+    if getattr(args, "out_is_dir", False):
+        storage.check_output_dir(out)
+    else:
+        storage.check_output(out, force=getattr(args, "force", False))
 
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
+
+def add_force_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite --out if it exists (default: refuse)"
+    )
 
 
 def fail(message: str) -> int:

@@ -7,9 +7,11 @@ Start with `astra run` (the main job on a built-in default), `astra models list`
 from __future__ import annotations
 
 import argparse
+import sys
 
 from astra.cli.astra_cmds import add_calibrate_parser, add_eval_parser, add_finetune_parser
 from astra.cli.bench_cmd import add_bench_parser
+from astra.cli.common import check_outputs, fail
 from astra.cli.models_cmd import add_models_parser
 from astra.cli.models_cmd import run as run_models
 from astra.cli.run_cmd import add_run_parser
@@ -31,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.runner(args)
+    try:
+        check_outputs(args)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        return args.runner(args)
+    except KeyboardInterrupt:
+        # workers and servers are ended by the finally blocks this unwound; one line, no trace
+        print("astra: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ examples:
   astra run --devices 4 --bandwidth 100mbit   # 4 devices (composed mode on a 2-core machine)
   astra run --model dinov2-s --tokens 1025    # a ViT: 448 px photo, 1024 patches + CLS
   astra run --methods single,astra,sp-fp32,sp-fp16 --json run.json
-  astra run --artefact ~/.cache/astra/artefacts/my-finetuned.pt
+  astra run --artefact ~/.cache/astra/artefacts/my-finetuned.safetensors
   astra run --devices 4 --dtype bfloat16      # every method in bf16 (AMX / AVX-512 BF16 CPUs)
 
 Every method runs on the same input and the same emulated link in this one command, so the

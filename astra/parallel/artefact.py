@@ -2,6 +2,7 @@
 
 Every artefact carries the checksum of the model it was made from and refuses to load onto
 another one: codebooks fitted to one model's activations are silently wrong on any other.
+Artefacts are safetensors files with a checked SHA-256 (astra.storage): loading one runs no code.
 """
 
 from __future__ import annotations
@@ -9,15 +10,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from astra import __version__
 from astra.hub import model_checksum
 from astra.parallel.config import AstraConfig
 from astra.parallel.simulate import AstraModel, apply_astra
+from astra.storage import StoredFileError, load_tensors, save_tensors
 
-FORMAT = "astra-artefact/1"
+FORMAT = "astra-artefact/2"  # /1 was a pickle, no longer loaded
 
 
 class ArtefactMismatchError(ValueError):
@@ -33,8 +34,6 @@ def save_artefact(
     extra: dict | None = None,
 ) -> Path:
     """Write codebooks + NAQ state (and the fine-tuned model weights if asked) to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": FORMAT,
         "astra_version": __version__,
@@ -46,10 +45,7 @@ def save_artefact(
         "model_weights": _base_state(astra) if include_weights else None,
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    return save_tensors(path, blob, kind=FORMAT)
 
 
 def read_artefact(path: str | Path, model_dir: str | Path) -> dict:
@@ -57,9 +53,10 @@ def read_artefact(path: str | Path, model_dir: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ASTRA artefact at {path} (make one with `astra calibrate`)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ArtefactMismatchError(f"{path} is not an Astra artefact (format {FORMAT})")
+    try:
+        blob = load_tensors(path, kind=FORMAT)
+    except StoredFileError as exc:
+        raise ArtefactMismatchError(str(exc)) from None
     expected = model_checksum(model_dir)
     if blob["model_checksum"] != expected:
         raise ArtefactMismatchError(

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import AstraModel
+from astra.storage import load_tensors, save_tensors
 from astra.tasks import SentenceEmbedding, Task
+
+CHECKPOINT_KIND = "astra-finetune-checkpoint/1"
 
 
 @torch.no_grad()
@@ -149,7 +152,7 @@ def finetune(
     start = 0
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_tensors(ckpt_path, kind=CHECKPOINT_KIND)
         try:
             astra.load_state_dict(state["astra"])
             opt.load_state_dict(state["optimizer"])
@@ -231,8 +234,9 @@ def finetune(
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if ckpt_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(
+            # atomic (astra.storage): Ctrl-C mid-write leaves the previous checkpoint to resume
+            save_tensors(
+                ckpt_path,
                 {
                     "astra": astra.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -241,7 +245,7 @@ def finetune(
                     "history": history,
                     "rng": torch.get_rng_state(),
                 },
-                ckpt_path,
+                kind=CHECKPOINT_KIND,
             )
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
