@@ -120,7 +120,7 @@ def test_calibrate_eval_round_trip_through_the_library(tiny):
 
 def test_cli_calibrate_finetune_eval(tiny, tmp_path, capsys):
     dir_a, _ = tiny
-    cal, ft = tmp_path / "cal.safetensors", tmp_path / "ft.pt"
+    cal, ft = tmp_path / "cal.safetensors", tmp_path / "ft.safetensors"
     assert (
         main(
             [

@@ -310,3 +310,85 @@ def test_both_communicators_follow_the_protocol_and_share_the_link_model():
     assert up.arrival_s(0.0, 1_250_000, "all_gather", 4) == pytest.approx(0.02 + 3.0)
     lockstep.link = LinkConfig(100.0, 0.0)  # a new link for the next messages (a trace)
     assert lockstep.uplink.link.bandwidth_mbps == 100.0
+
+
+# ---- safety: loopback listeners, authenticated members -------------------------------------
+
+
+def _listening_addresses(pid: int) -> list[str]:
+    """Local addresses of the TCP sockets `pid` listens on (from /proc, no tools needed)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    hex_addr = cols[1].split(":")[0]
+                    raw = bytes.fromhex(hex_addr)
+                    # /proc stores addresses as native-endian 32-bit words
+                    words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
+                    found.append(":".join(w.hex() for w in words))
+    return found
+
+
+def _listener_job(rank, world_size, group):
+    ideal = Communicator(group, timeout_s=30)
+    ideal.all_gather_bytes(torch.zeros(4, dtype=torch.uint8))  # the transport is connected
+    listening = _listening_addresses(os.getpid())
+    ideal.all_gather_bytes(torch.zeros(4, dtype=torch.uint8))  # nobody leaves before the read
+    return listening
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def test_a_local_group_listens_on_loopback_only():
+    """Rank 0's rendezvous store and every rank's gloo listener: 127.0.0.1, nothing else
+    (torch's default store listens on every interface)."""
+    listening = spawn(_listener_job, 2, timeout_s=60)
+    assert listening[0], "rank 0 serves the store: it must listen somewhere"
+    loopback = "7f000001"  # 127.0.0.1
+    for rank, addresses in enumerate(listening):
+        assert all(a == loopback for a in addresses), (rank, addresses)
+
+
+def _wrong_secret_job(rank, world_size, group):
+    from astra.net.auth import AuthenticationError, authenticate
+
+    secret = b"the group's secret" if rank == 0 else b"an impostor's guess"
+    try:
+        authenticate(group, rank, world_size, secret)
+    except AuthenticationError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_a_member_without_the_secret_is_refused_and_named():
+    messages = spawn(_wrong_secret_job, 2, timeout_s=60)
+    assert "device 0 refused the group: device 1 (" in messages[0], messages[0]
+    assert "pid" in messages[0] and "shared secret" in messages[0]
+    assert "device 1 refused the group: device 0 (" in messages[1], messages[1]
+
+
+def test_multi_machine_secret_comes_from_the_environment(monkeypatch, tmp_path):
+    from astra.net.auth import AuthenticationError, secret_from_env
+
+    monkeypatch.delenv("ASTRA_SECRET", raising=False)
+    monkeypatch.delenv("ASTRA_SECRET_FILE", raising=False)
+    with pytest.raises(AuthenticationError, match="needs a shared secret of at least 16"):
+        secret_from_env()
+    monkeypatch.setenv("ASTRA_SECRET", "short")
+    with pytest.raises(AuthenticationError, match=r"got 5 characters"):
+        secret_from_env()
+    (tmp_path / "token").write_text("a" * 40 + "\n")
+    monkeypatch.setenv("ASTRA_SECRET_FILE", str(tmp_path / "token"))
+    assert secret_from_env() == b"a" * 40
+    monkeypatch.setenv("ASTRA_SECRET_FILE", str(tmp_path / "missing"))
+    with pytest.raises(AuthenticationError, match="missing: cannot read it"):
+        secret_from_env()

@@ -10,7 +10,8 @@ from astra.runner import RunConfig, run_inference
 
 
 def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    artefact = tmp_path / "cb.safetensors"
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: artefact)
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=4,
                        methods=("single", "astra", "sp-fp32"), mode="composed")
     summary = run_inference(config, progress=False, log=lambda m: None)
@@ -26,7 +27,7 @@ def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch
     assert astra["kv_cache"]["remote_code_bytes"] == 2 * ((32 * 20) // 8)
     for key in ("ttft_ms", "tpot_ms", "speedup_vs_single", "speedup_vs_sp_fp32"):
         assert astra[key] is not None and astra[key] > 0
-    assert "completion" in astra and (tmp_path / "cb.pt").is_file()
+    assert "completion" in astra and (tmp_path / "cb.safetensors").is_file()
 
 
 def test_balanced_placement_is_exact_and_reports_its_costs(tiny_llama_dir):
@@ -45,7 +46,7 @@ def test_balanced_placement_is_exact_and_reports_its_costs(tiny_llama_dir):
 
 
 def test_remote_cache_rebuilt_once_decodes_like_codes(tiny_llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     rows = {}
     for remote_cache in ("codes", "rebuilt"):
         config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=6,
@@ -93,13 +94,20 @@ def test_torchrun_two_ranks_run_astra(tiny_llama_dir, tmp_path):
         for codebook in quantizer.codebooks:
             codebook.kmeans_init_(torch.randn(2048, codebook.config.dim), num_iters=0,
                                   init="random")
-    artefact = save_artefact(tmp_path / "cb.pt", astra, tiny_llama_dir)
+    artefact = save_artefact(tmp_path / "cb.safetensors", astra, tiny_llama_dir)
     out = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "astra.cli.main", "run", "--model", str(tiny_llama_dir), "--tokens", "48",
            "--new-tokens", "3", "--artefact", str(artefact), "--bandwidth", "inf",
            "--latency", "0", "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ASTRA_SECRET", None)
+    env.pop("ASTRA_SECRET_FILE", None)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert refused.returncode != 0
+    assert "astra: error: a multi-machine group needs a shared secret" in refused.stderr
+    (tmp_path / "token").write_text("0123456789abcdef0123\n")
+    env["ASTRA_SECRET_FILE"] = str(tmp_path / "token")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())["records"][0]
@@ -116,7 +124,7 @@ def test_run_inference_encoder_outputs_match(tmp_path, monkeypatch):
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=64, patch_size=14, image_size=56)).save_pretrained(
         model_dir)
-    monkeypatch.setattr(runner, "default_artefact", lambda d, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda d, cfg: tmp_path / "cb.safetensors")
     config = RunConfig(model=str(model_dir), devices=2, image_size=56, mode="composed",
                        methods=("single", "astra", "sp-fp32"))
     rows = {r["method"]: r for r in run_inference(config, progress=False,
@@ -135,7 +143,7 @@ def test_streaming_an_encoder_is_refused_before_any_worker_starts(tmp_path):
 
 
 def test_every_method_runs_in_bfloat16(tiny_llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=4,
                        methods=("single", "astra", "sp-fp16"), mode="composed", dtype="bfloat16")
     rows = {r["method"]: r for r in run_inference(config, progress=False,
@@ -158,7 +166,7 @@ def test_unknown_dtype_is_refused_with_the_choices():
 
 
 def test_bf16_code_search_in_a_float32_run(tiny_llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=3,
                        methods=("astra",), mode="composed", search="bfloat16")
     row = run_inference(config, progress=False, log=lambda m: None)["records"][0]
@@ -179,7 +187,7 @@ def test_bf16_compute_keeps_rope_frequencies_in_float32(tiny_llama_dir):
 
 def test_decoding_with_codes_from_several_senders(tiny_llama_dir, tmp_path, monkeypatch):
     # 3 devices: the decode device keeps two senders' codes (joined once, rebuilt per step)
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     generated = {}
     for remote_cache in ("codes", "rebuilt"):
         config = RunConfig(model=str(tiny_llama_dir), devices=3, tokens=48, new_tokens=5,
@@ -193,7 +201,7 @@ def test_decoding_with_codes_from_several_senders(tiny_llama_dir, tmp_path, monk
 
 def test_run_in_one_warm_group_of_processes(tiny_llama_dir, tmp_path, monkeypatch):
     """Processes mode: every method through the same warm workers (astra.group.Group)."""
-    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb.pt")
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=4,
                        methods=("single", "astra", "sp-fp32"), mode="processes",
                        bandwidth_mbps=float("inf"), latency_ms=0.0)

@@ -183,6 +183,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, reported as one line instead of a traceback."""
     from astra.datasets import DataNotFoundError
     from astra.hub import HubError
+    from astra.net.auth import AuthenticationError
     from astra.net.comm import PeerFailure
     from astra.net.launch import WorkerFailure
     from astra.parallel.artefact import ArtefactMismatchError
@@ -195,5 +196,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ArtefactMismatchError,
         PeerFailure,
         WorkerFailure,
+        AuthenticationError,
         NotImplementedError,
     )

@@ -2,6 +2,11 @@
 
 This is the only place that calls init_process_group; the group it makes is passed to the
 worker function, which hands it to a Communicator.
+
+Local groups listen on loopback only: rank 0's rendezvous store on a socket bound to 127.0.0.1
+(torch's own TCPStore would listen on every interface) and gloo/NCCL on the loopback interface.
+Every group, local or under torchrun, then passes astra.net.auth's HMAC challenge before any
+work, so a process that does not hold the group's secret is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from astra.net.auth import authenticate, new_secret, secret_from_env
 
 
 class WorkerFailure(RuntimeError):
@@ -56,10 +63,13 @@ def _worker(
     backend: str,
     port: int,
     collective_timeout_s: float,
+    secret: bytes,
     results: Any,
 ) -> None:
     try:
-        _join_local_group(rank, world_size, threads_per_worker, backend, port, collective_timeout_s)
+        _join_local_group(
+            rank, world_size, threads_per_worker, backend, port, collective_timeout_s, secret
+        )
         value = fn(rank, world_size, dist.group.WORLD, *args)
         # Pickled here with the plain pickler: tensors travel by value, not as shared-memory
         # handles that would die with this process.
@@ -78,19 +88,54 @@ def _worker(
 
 
 def _join_local_group(
-    rank: int, world_size: int, threads: int, backend: str, port: int, timeout_s: float
+    rank: int,
+    world_size: int,
+    threads: int,
+    backend: str,
+    port: int,
+    timeout_s: float,
+    secret: bytes,
 ) -> None:
-    """This process becomes `rank` of a group whose store rank 0 serves on 127.0.0.1:port."""
+    """This process becomes `rank` of a group whose store rank 0 serves on 127.0.0.1:port,
+    and proves it holds `secret` (a fresh one per group, from the parent)."""
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    # the transports' own listeners: on loopback, not on whatever the hostname resolves to
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = loopback_interface()
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=_loopback_store(rank, world_size, port, timeout),
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
+    authenticate(dist.group.WORLD, rank, world_size, secret)
+
+
+_listeners: list[socket.socket] = []  # rank 0's store socket lives as long as the process
+
+
+def _loopback_store(rank: int, world_size: int, port: int, timeout: datetime.timedelta):
+    """A TCPStore served on 127.0.0.1 only: rank 0 binds the socket itself and hands it to the
+    store (master_listen_fd), instead of the store's default of every interface (IPv6 "::")."""
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(max(64, world_size))
+    _listeners.append(listener)
+    return dist.TCPStore(
+        "127.0.0.1", port, world_size, True, timeout, master_listen_fd=listener.fileno()
+    )
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS and the BSDs)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
 
 
 def _resident(
@@ -102,9 +147,10 @@ def _resident(
     backend: str,
     port: int,
     collective_timeout_s: float,
+    secret: bytes,
 ) -> None:
     try:
-        _join_local_group(rank, world_size, threads, backend, port, collective_timeout_s)
+        _join_local_group(rank, world_size, threads, backend, port, collective_timeout_s, secret)
         fn(rank, world_size, dist.group.WORLD, *args)
     except KeyboardInterrupt:
         os._exit(130)  # the parent owns the terminal and reports; leave without a traceback
@@ -130,7 +176,8 @@ def start_ranks(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = _context(start_method)
     setup = (fn, args, threads_per_worker, resolve_backend(backend), free_port())
-    return _start(ctx, _resident, "astra-device", world_size, (*setup, collective_timeout_s))
+    setup += (collective_timeout_s, new_secret())
+    return _start(ctx, _resident, "astra-device", world_size, setup)
 
 
 def stop_ranks(procs: list, grace_s: float = 2.0) -> None:
@@ -176,7 +223,8 @@ def spawn(
     collective_timeout_s = collective_timeout_s if collective_timeout_s is not None else timeout_s
     ctx = _context(start_method)
     results = ctx.Queue()
-    setup = (fn, args, threads_per_worker, backend, port, collective_timeout_s, results)
+    setup = (fn, args, threads_per_worker, backend, port, collective_timeout_s, new_secret())
+    setup += (results,)
     procs = _start(ctx, _worker, "astra-rank", world_size, setup)
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
@@ -285,19 +333,24 @@ def init_from_env(
 ) -> tuple[int, int, dist.ProcessGroup]:
     """Join the group described by torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
-    Returns (rank, world_size, group). With nccl, the CUDA device is LOCAL_RANK.
+    Returns (rank, world_size, group). With nccl, the CUDA device is LOCAL_RANK. Every rank
+    must hold the same secret (ASTRA_SECRET_FILE or ASTRA_SECRET; astra.net.auth); it is read
+    before joining, so a missing one costs one line, not a rendezvous.
     """
     needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     missing = [k for k in needed if k not in os.environ]
     if missing:
         raise RuntimeError(f"init_from_env needs {missing} in the environment (run under torchrun)")
+    secret = secret_from_env()
     backend = resolve_backend(backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
         backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
     )
-    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    authenticate(dist.group.WORLD, rank, world_size, secret)
+    return rank, world_size, dist.group.WORLD
 
 
 def rank0_logger(rank: int, name: str = "astra") -> logging.Logger:
