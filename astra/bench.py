@@ -39,7 +39,7 @@ from astra.parallel.passes import check_dtype, embed_inputs
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
-from astra.runner import Job, RunConfig, build_inputs, run_ranks, summarize
+from astra.runner import Job, RunConfig, build_inputs, check_context, run_ranks, summarize
 from astra.storage import atomic_path, write_json, write_text
 
 BENCH_METHODS = tuple(METHODS)  # every method in astra.methods, prefill-only baselines too
@@ -64,7 +64,8 @@ class BenchConfig:
     overlap: bool = True
     exchange: str = "auto"  # see astra.parallel.runtime: stream causal prefills, else all-gather
     use_tables: bool = False  # hidden point: rebuild remote K/V with per-code projection tables
-    timeout_s: float = 900.0
+    timeout_s: float = 900.0  # one method's run
+    peer_timeout_s: float = 30.0  # one collective (processes mode): a frozen device is named
     # every (method, devices, bandwidth, tokens) run this many times, interleaved (all methods
     # once, then all again): a record keeps the median pass, its speed-up is median over median
     repeats: int = 1
@@ -119,12 +120,16 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     family = model_family(model_dir)
     decoder = model_kind(model_dir) == "decoder"
     resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, first
+    for tokens in config.tokens:
+        check_context(model_dir, tokens)
     tmp = Path(tempfile.mkdtemp(prefix="astra-bench-"))
     base = load_model(model_dir)
     plan = []
     for tokens in config.tokens:
         side = max(14, round(math.sqrt(max(tokens - 1, 1))) * 14)
-        run_cfg = RunConfig(model=config.model, tokens=tokens, image_size=side, devices=1)
+        run_cfg = RunConfig(
+            model=config.model, tokens=tokens, image_size=side, devices=1, new_tokens=1
+        )
         inputs, _, _ = build_inputs(run_cfg, model_dir)
         for n in config.devices:
             for bw in config.bandwidths_mbps:
@@ -242,6 +247,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
         new_tokens=1,
         link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
         timeout_s=config.timeout_s,
+        peer_timeout_s=config.peer_timeout_s,
         overlap=config.overlap,
         exchange=config.exchange,
         use_tables=config.use_tables,

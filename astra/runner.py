@@ -27,7 +27,14 @@ from astra.group.config import GroupConfig, QuantConfig
 from astra.group.records import record_from_ranks
 from astra.hub import cache_dir, resolve_model
 from astra.methods import GENERATING_METHODS, PREFILL_ONLY_METHODS, check_methods
-from astra.models import KVCache, load_model, load_tokenizer, model_kind, num_input_tokens
+from astra.models import (
+    KVCache,
+    context_length,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    num_input_tokens,
+)
 from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig, LossModel
@@ -90,7 +97,8 @@ class RunConfig:
     # decoding: remote K/V kept as codes and rebuilt every step (App. G), or rebuilt once
     remote_cache: str = "codes"
     use_tables: bool = False  # per-code projection tables for the "hidden" point
-    timeout_s: float = 600.0  # every collective, and the whole run
+    timeout_s: float = 600.0  # the whole run (or one request in a warm group)
+    peer_timeout_s: float = 30.0  # one collective / a silent device: named after this long
     loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
     dtype: str = "float32"  # compute precision of every method, one of DTYPES
@@ -140,7 +148,7 @@ class RunConfig:
             use_tables=self.use_tables,
             start_timeout_s=self.timeout_s,
             request_timeout_s=self.timeout_s,
-            peer_timeout_s=self.timeout_s,
+            peer_timeout_s=self.peer_timeout_s,
             warmup_tokens=warmup_tokens,
         )
 
@@ -162,7 +170,7 @@ class Job:
     class_tokens: str
     new_tokens: int
     link: LinkConfig
-    timeout_s: float
+    timeout_s: float  # the whole job
     overlap: bool
     use_tables: bool
     decoder: bool
@@ -175,6 +183,7 @@ class Job:
     bp_syncs: int = 1  # block parallelism: synchronisations Nb
     dtype: str = "float32"  # compute precision (DTYPES); codebooks stay float32
     search: str = "auto"  # ASTRA senders' nearest-code search (SEARCHES)
+    peer_timeout_s: float = 30.0  # one collective: a frozen peer is named after this long
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -201,6 +210,7 @@ def job_for(
         new_tokens=config.new_tokens,
         link=config.link,
         timeout_s=config.timeout_s,
+        peer_timeout_s=config.peer_timeout_s,
         overlap=config.overlap,
         exchange=config.exchange,
         remote_cache=config.remote_cache,
@@ -475,7 +485,7 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
 
 
 def _worker(rank: int, world_size: int, group, job: Job) -> dict:
-    comm = Communicator(group, job.link, timeout_s=job.timeout_s)
+    comm = Communicator(group, job.link, timeout_s=job.peer_timeout_s)
     return rank_main(rank, world_size, comm, job)
 
 
@@ -488,7 +498,12 @@ def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
     """Every rank's result for one method: real processes, or the composed (lockstep) mode."""
     if mode == "processes":
         results = spawn(
-            _worker, world_size, args=(job,), threads_per_worker=1, timeout_s=job.timeout_s
+            _worker,
+            world_size,
+            args=(job,),
+            threads_per_worker=1,
+            timeout_s=job.timeout_s,
+            collective_timeout_s=job.peer_timeout_s,
         )
     else:
         base = job.model if job.model is not None else load_model(job.model_dir)
@@ -526,6 +541,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
 def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
     """The built-in input for the model's family: (inputs, is_decoder, description)."""
     kind = model_kind(model_dir)
+    check_context(model_dir, config.tokens, config.new_tokens if kind == "decoder" else 0)
     if kind == "image-encoder":
         from astra.datasets import sample_photos
         from astra.models import image_transform
@@ -541,6 +557,19 @@ def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
 
     ids = token_blocks(tokenizer, austen_text("test"), config.tokens, 1)
     return {"input_ids": ids}, kind == "decoder", "held-out Austen text"
+
+
+def check_context(model_dir: Path, tokens: int, new_tokens: int = 0) -> None:
+    """Before any work: the prompt (and the tokens to generate) fit the model's context."""
+    limit = context_length(model_dir)
+    if limit is None or tokens + new_tokens <= limit:
+        return
+    asked = f"--tokens {tokens}" + (f" + --new-tokens {new_tokens}" if new_tokens else "")
+    raise ValueError(
+        f"{asked} = {tokens + new_tokens} positions exceed the model's context of {limit} "
+        f"(max_position_embeddings of {model_dir.name}); use --tokens {limit - new_tokens} "
+        "or fewer"
+    )
 
 
 def ensure_artefact(config: RunConfig, model_dir: Path, progress: bool = True) -> Path:
@@ -698,7 +727,7 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
 
     from astra.net.launch import init_from_env
 
-    rank, world_size, group = init_from_env("auto", config.timeout_s)
+    rank, world_size, group = init_from_env("auto", config.peer_timeout_s)
     try:
         model_dir = resolve_model(config.model)
         inputs, decoder, description = build_inputs(config, model_dir)
@@ -711,10 +740,10 @@ def run_torchrun(config: RunConfig, log=print) -> dict | None:
         job = job_for(
             config, "astra", world_size, model_dir, artefact, inputs, class_tokens, decoder
         )
-        comm = Communicator(group, config.link, timeout_s=config.timeout_s)
+        comm = Communicator(group, config.link, timeout_s=config.peer_timeout_s)
         result = rank_main(rank, world_size, comm, job)
         # the results travel as JSON on an ideal link: not charged, never unpickled
-        ideal = Communicator(group, LinkConfig(), timeout_s=config.timeout_s)
+        ideal = Communicator(group, LinkConfig(), timeout_s=config.peer_timeout_s)
         gathered = all_gather_json(ideal, result)
         dist.barrier(group)  # every rank has its results before the group goes away
     finally:

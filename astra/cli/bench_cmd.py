@@ -14,6 +14,7 @@ from astra.cli.common import (
     add_exchange_arg,
     add_model_arg,
     add_search_arg,
+    add_timeout_args,
     bandwidth_arg,
     fail,
     int_list,
@@ -129,6 +130,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     add_exchange_arg(p)
     add_dtype_arg(p)
     add_search_arg(p)
+    add_timeout_args(p, job=900.0)
     p.add_argument(
         "--repeats",
         type=positive_int,
@@ -290,4 +292,6 @@ def bench_config(args, bandwidths: tuple[float, ...], devices: tuple[int, ...]) 
         repeats=args.repeats,
         dtype=args.dtype,
         search=args.search,
+        timeout_s=args.timeout,
+        peer_timeout_s=args.peer_timeout,
     )

@@ -115,6 +115,24 @@ def seconds_arg(text: str) -> float:
     return value
 
 
+def add_timeout_args(parser: argparse.ArgumentParser, job: float = 600.0) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=seconds_arg,
+        default=job,
+        metavar="SECONDS",
+        help=f"the whole job (or one request) fails after this long (default {job:g})",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=seconds_arg,
+        default=30.0,
+        metavar="SECONDS",
+        help="a device that stops answering (frozen, partitioned, dead) is named and the job "
+        "ends after this long, instead of waiting for --timeout (default 30)",
+    )
+
+
 def add_exchange_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exchange",
@@ -182,6 +200,7 @@ def fail(message: str) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, reported as one line instead of a traceback."""
     from astra.datasets import DataNotFoundError
+    from astra.group.group import GroupError
     from astra.hub import HubError
     from astra.net.auth import AuthenticationError
     from astra.net.comm import PeerFailure
@@ -197,5 +216,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
         PeerFailure,
         WorkerFailure,
         AuthenticationError,
+        GroupError,
         NotImplementedError,
     )

@@ -18,8 +18,15 @@ from astra.cli.run_cmd import add_run_parser
 from astra.cli.serve_cmd import add_serve_parser
 
 
+class AstraParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line (and where to read more), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="astra", description=__doc__)
+    parser = AstraParser(prog="astra", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_models_parser(sub).set_defaults(runner=run_models)
     add_run_parser(sub)

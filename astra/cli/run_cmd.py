@@ -13,6 +13,7 @@ from astra.cli.common import (
     add_model_arg,
     add_quant_args,
     add_search_arg,
+    add_timeout_args,
     fail,
     positive_int,
     user_errors,
@@ -130,12 +131,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="fraction of remote tokens whose codes are lost on the way, e.g. 0.05; no "
         "retransmission: receivers attend to what arrived (paper Table 6)",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds before a stuck collective or run fails (default 600)",
-    )
+    add_timeout_args(p)
     add_dtype_arg(p)
     add_search_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -167,6 +163,7 @@ def run(args) -> int:
             remote_cache=args.remote_cache,
             use_tables=args.tables,
             timeout_s=args.timeout,
+            peer_timeout_s=args.peer_timeout,
             prompt=args.prompt,
             loss_rate=args.loss,
             dtype=args.dtype,

@@ -75,8 +75,7 @@ def _worker(
         # handles that would die with this process.
         results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # report everything, including KeyboardInterrupt/SystemExit
-        text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        results.put((rank, False, text))
+        results.put((rank, False, describe_failure(exc)))
         results.close()
         results.join_thread()
         os._exit(1)  # skip destroy_process_group: peers may be stuck in a collective with us
@@ -154,8 +153,8 @@ def _resident(
         fn(rank, world_size, dist.group.WORLD, *args)
     except KeyboardInterrupt:
         os._exit(130)  # the parent owns the terminal and reports; leave without a traceback
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:  # e.g. refused at rendezvous: one line (the parent names us)
+        print(f"astra: device {rank}: {describe_failure(exc)}", file=sys.stderr, flush=True)
         os._exit(1)
     os._exit(0)  # skip destroy_process_group: the parent ends the group, peers may be gone
 
@@ -263,16 +262,28 @@ def spawn(
                         f"process exited with code {p.exitcode} without returning a result"
                     )
             first = min(errors, key=lambda r: ("PeerFailure" in errors[r], r))
-            others = "".join(
-                f"\n--- also rank {r}: {errors[r].splitlines()[0]}"
-                for r in sorted(errors)
-                if r != first
+            # one line: the cause, then who went down with it (their errors are consequences)
+            others = [r for r in sorted(errors) if r != first]
+            also = f" (then devices {others} stopped with it)" if others else ""
+            cause, _, trace = errors[first].partition("\n")
+            raise WorkerFailure(
+                f"device {first} failed: {cause}{also}" + (f"\n{trace}" if trace else ""),
+                rank=first,
             )
-            raise WorkerFailure(f"rank {first} failed: {errors[first]}{others}", rank=first)
         return [values[r] for r in range(world_size)]
     finally:
         _reap(procs, grace_s=10.0 if len(values) == world_size else 0.0)
         results.close()
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A worker's failure as the one line a user sees ("ValueError: ..."); with ASTRA_DEBUG=1
+    in the environment, followed by the worker's traceback."""
+    text = str(exc).strip()
+    line = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    if os.environ.get("ASTRA_DEBUG"):
+        line += "\n" + traceback.format_exc()
+    return line
 
 
 def _start(ctx, target: Callable, name: str, world_size: int, setup: tuple) -> list:

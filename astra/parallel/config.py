@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 QUANT_POINTS = ("hidden", "kv")
@@ -61,3 +62,39 @@ class AstraConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_codebook_memory(widths: list[int], config: AstraConfig) -> None:
+    """Before allocating: the codebooks of every block fit in the memory this machine has free.
+
+    `widths` are the quantized widths of every block (one entry per codebook). G groups of
+    width D/G with K codes each hold K*D floats whatever G is; the EMA keeps a second copy.
+    Raises ValueError naming the numbers instead of letting the allocator fail (or swap).
+    """
+    per_copy = sum(widths) * config.codebook_size * 4  # float32
+    needed = 2 * per_copy  # codebook + its EMA sum (vq.codebook.GroupedCodebook)
+    free = available_memory_bytes()
+    if free is None or needed <= 0.8 * free:
+        return
+    fits = max(2, 2 ** int(math.log2(max(2, 0.8 * free / (2 * 4 * sum(widths))))))
+    raise ValueError(
+        f"--codebook-size {config.codebook_size} needs {needed / 1e9:.1f} GB of codebooks "
+        f"({sum(widths)} quantized values over the blocks x {config.codebook_size} codes x "
+        f"4 bytes x 2 for the EMA copy), but {free / 1e9:.1f} GB of memory is available; "
+        f"use --codebook-size {min(fits, config.codebook_size // 2)} or less"
+    )
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable on Linux; physical memory elsewhere; None if the OS does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from astra.models.attention import Attention, causal_mask
 from astra.net.link import LossModel
-from astra.parallel.config import AstraConfig
+from astra.parallel.config import AstraConfig, check_codebook_memory
 from astra.parallel.placement import PlacementConfig, assign_tokens
 from astra.parallel.quantizer import BlockQuantizer, quant_dims
 
@@ -117,6 +117,8 @@ class AstraModel(nn.Module):
         self.model = model
         self.config = config
         self.slot = _Slot()
+        widths = [d for block in model.blocks for d in quant_dims(block.attn, config)]
+        check_codebook_memory(widths, config)  # a clear error, not a 96 GB allocation
         self.quantizers = nn.ModuleList(
             BlockQuantizer(quant_dims(block.attn, config), config) for block in model.blocks
         )
