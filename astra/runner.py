@@ -150,6 +150,7 @@ class RunConfig:
             request_timeout_s=self.timeout_s,
             peer_timeout_s=self.peer_timeout_s,
             warmup_tokens=warmup_tokens,
+            reform=False,  # a run ends at its first failure; the user decides what next
         )
 
     def resolved_mode(self) -> str:

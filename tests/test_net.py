@@ -7,6 +7,7 @@ things and the parent asserts on what the ranks return.
 
 import math
 import os
+import re
 import time
 
 import pytest
@@ -393,3 +394,22 @@ def test_multi_machine_secret_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ASTRA_SECRET_FILE", str(tmp_path / "missing"))
     with pytest.raises(AuthenticationError, match="missing: cannot read it"):
         secret_from_env()
+
+
+def _freezing_job(rank, world_size, group):
+    import signal
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: alive, silent, holding its socket open
+    Communicator(group, timeout_s=3).all_gather_bytes(torch.zeros(4, dtype=torch.uint8))
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_not_the_peer_that_waited_for_it():
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailure) as e:
+        spawn(_freezing_job, 2, timeout_s=60, collective_timeout_s=3)
+    message = str(e.value)
+    assert re.match(r"device 1 failed: stopped answering \(pid \d+, stopped \(SIGSTOP\)\); its "
+                    r"peers gave up after --peer-timeout 3 s", message), message
+    assert e.value.rank == 1 and time.monotonic() - t0 < 20

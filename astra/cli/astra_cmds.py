@@ -753,6 +753,7 @@ def _runtime_perplexity(model: str, artefact, devices: int, task, args, progress
         link=LinkConfig(),  # accuracy does not depend on the link
         quant=QuantConfig(artefact=str(artefact)),
         peer_timeout_s=120.0,
+        reform=False,  # a score computed on fewer devices would be another row
     )
     total, count = 0.0, 0
     with Group(config, warmup_inputs={"input_ids": rows[0][None]}) as group:

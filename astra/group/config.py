@@ -81,6 +81,8 @@ class GroupConfig:
     request_timeout_s: float = 600.0  # one request, from its start to its last token
     peer_timeout_s: float = 30.0  # a device silent this long is named and the group re-forms
     warmup_tokens: int = 128  # one untimed pass per method at start (allocators, tables)
+    # a failed device: re-form on the others and go on (a server), or stop (a one-shot run)
+    reform: bool = True
 
     def __post_init__(self) -> None:
         if self.devices < 1:

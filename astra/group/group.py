@@ -44,7 +44,7 @@ from astra.models import (
     num_input_tokens,
     read_config,
 )
-from astra.net.launch import mp_context, start_ranks, stop_ranks
+from astra.net.launch import mp_context, process_state, start_ranks, stop_ranks
 from astra.sampling import Sampling
 
 log = logging.getLogger("astra.group")
@@ -254,13 +254,16 @@ class Group:
         for rank, proc in enumerate(members.procs):
             if proc.exitcode is not None and rank in waiting:
                 return f"device {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
-            if not silence:
+            if not silence:  # not beating yet, but a frozen process is frozen
+                state = process_state(proc.pid)
+                if state.startswith("stopped"):
+                    return f"device {rank} (pid {proc.pid}, {state}) stopped answering"
                 continue
             silent = now - members.beats[rank]
             # half the collective timeout: a frozen device is named by its silence before
             # its peers' collectives time out waiting for it (and blame each other)
             if silent > max(1.0, self.config.peer_timeout_s / 2):
-                state = _process_state(proc.pid)
+                state = process_state(proc.pid)
                 return (
                     f"device {rank} (pid {proc.pid}{', ' + state if state else ''}) stopped "
                     f"answering: no heartbeat for {silent:.1f} s (--peer-timeout "
@@ -276,6 +279,9 @@ class Group:
             stop_ranks(members.procs, grace_s=0.0)
         if self._closing:
             raise GroupError(f"{reason}; the group is closing")
+        if not self.config.reform:
+            self._closing = True
+            raise GroupError(reason)
         self.failures.append(reason)
         if drop_device:
             self.devices = max(1, self.devices - 1)
@@ -653,12 +659,3 @@ def _tokenizer_if_any(model_dir: Path):
         return None
     return load_tokenizer(model_dir)
 
-
-def _process_state(pid: int) -> str:
-    """ "stopped (SIGSTOP)" or "" from /proc (Linux); a frozen process is worth naming."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-    return {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "Z": "a zombie"}.get(state, "")

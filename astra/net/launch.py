@@ -261,7 +261,13 @@ def spawn(
                     errors[rank] = (
                         f"process exited with code {p.exitcode} without returning a result"
                     )
-            first = min(errors, key=lambda r: ("PeerFailure" in errors[r], r))
+            frozen = [r for r, p in enumerate(procs) if process_state(p.pid).startswith("stopped")]
+            for rank in frozen:  # its peers' collectives timed out waiting: it is the cause
+                errors[rank] = (
+                    f"stopped answering (pid {procs[rank].pid}, {process_state(procs[rank].pid)}); "
+                    f"its peers gave up after --peer-timeout {collective_timeout_s:g} s"
+                )
+            first = min(errors, key=lambda r: (r not in frozen, "PeerFailure" in errors[r], r))
             # one line: the cause, then who went down with it (their errors are consequences)
             others = [r for r in sorted(errors) if r != first]
             also = f" (then devices {others} stopped with it)" if others else ""
@@ -274,6 +280,16 @@ def spawn(
     finally:
         _reap(procs, grace_s=10.0 if len(values) == world_size else 0.0)
         results.close()
+
+
+def process_state(pid: int) -> str:
+    """ "stopped (SIGSTOP)" or "" from /proc (Linux); a frozen process is worth naming."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return {"T": "stopped (SIGSTOP)", "t": "stopped by a debugger", "Z": "a zombie"}.get(state, "")
 
 
 def describe_failure(exc: BaseException) -> str:
