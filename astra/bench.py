@@ -39,6 +39,7 @@ from astra.parallel.passes import check_dtype, embed_inputs
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
+from astra.provenance import provenance
 from astra.runner import Job, RunConfig, build_inputs, check_context, run_ranks, summarize
 from astra.storage import atomic_path, write_json, write_text
 
@@ -344,10 +345,9 @@ def write_outputs(records: list[dict], out: Path, command: str, config: BenchCon
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "bench"
     meta = {
+        **provenance(),
         "command": command,
         "config": asdict(config),
-        "cpu": _cpu_name(),
-        "date": time.strftime("%Y-%m-%d"),
         "records": records,
     }
     write_json(stem.with_suffix(".json"), meta)
@@ -432,11 +432,3 @@ def plot_latency(records: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"

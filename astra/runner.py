@@ -37,8 +37,9 @@ from astra.models import (
 )
 from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
-from astra.net.link import LinkConfig, LossModel
+from astra.net.link import LinkConfig
 from astra.net.lockstep import run_lockstep, share_weights_copy
+from astra.net.packets import PacketChannel, request_seed
 from astra.parallel.artefact import codebook_summary, load_astra
 from astra.parallel.config import AstraConfig
 from astra.parallel.engine import (
@@ -99,7 +100,8 @@ class RunConfig:
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # the whole run (or one request in a warm group)
     peer_timeout_s: float = 30.0  # one collective / a silent device: named after this long
-    loss_rate: float = 0.0  # probability that a remote token's codes are lost (no retransmission)
+    loss_rate: float = 0.0  # probability that a packet of codes is lost (no retransmission)
+    parity: int = 1  # lossy link: one XOR parity packet per this many data packets (0: none)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
     dtype: str = "float32"  # compute precision of every method, one of DTYPES
     search: str = "auto"  # ASTRA senders' nearest-code search precision, one of SEARCHES
@@ -132,7 +134,12 @@ class RunConfig:
             devices=self.devices,
             method=generating[0] if generating else "single",
             methods=tuple(self.methods),
-            link=LinkConfig(self.bandwidth_mbps, self.latency_ms, loss_rate=self.loss_rate),
+            link=LinkConfig(
+                self.bandwidth_mbps,
+                self.latency_ms,
+                loss_rate=self.loss_rate,
+                loss_parity=self.parity,
+            ),
             quant=QuantConfig(
                 groups=self.groups,
                 codebook_size=self.codebook_size,
@@ -178,6 +185,7 @@ class Job:
     exchange: str = "auto"
     remote_cache: str = "codes"
     loss_rate: float = 0.0
+    parity: int = 1
     decode: bool = True  # decoders: generate new_tokens after the prefill (False: TTFT only)
     warmup: bool = True  # one untimed pass first (allocators, math library start-up)
     pp_chunks: int = 4  # pipeline parallelism: sequence chunks (decoders; encoders use 1)
@@ -218,6 +226,7 @@ def job_for(
         use_tables=config.use_tables,
         decoder=decoder,
         loss_rate=config.loss_rate,
+        parity=config.parity,
         dtype=config.dtype,
         search=config.search,
     )
@@ -276,7 +285,8 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
     layout = build_rank_layout(seq, rank, world_size, getattr(model, "causal", False))
     decode_rank = int(seq.device_of_token[-1])
     # warm-up pass (allocators, lookup tables) on an ideal link, then the timed pass
-    loss = LossModel(job.loss_rate, seed=0) if job.loss_rate > 0 else None
+    lossy = replace(job.link, loss_rate=job.loss_rate, loss_parity=job.parity)
+    loss = PacketChannel.for_link(lossy, request_seed(job.inputs))
     if job.warmup:
         install_rank_attention(
             model, codecs, layout, warm or comm, job.overlap, loss=loss, exchange=job.exchange

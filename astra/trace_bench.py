@@ -10,11 +10,11 @@ choices cost in accuracy.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from astra.bench import BenchConfig, run_bench
+from astra.provenance import provenance
 from astra.storage import atomic_path, write_json, write_text
 from astra.trace import AdaptivePolicy, BandwidthTrace, MeasuredTimes, fit_link, replay
 
@@ -160,13 +160,10 @@ def _perplexities(config: TraceBenchConfig, log) -> dict[str, float]:
 def write_trace_outputs(result: dict, out: Path, command: str) -> list[Path]:
     """trace.json (everything, with the command and commit), trace.md (the table) and
     trace.png (bandwidth and per-request latency over time)."""
-    import subprocess
 
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    meta = {"command": command, "git_commit": commit, "date": time.strftime("%Y-%m-%d")}
+    meta = {**provenance(), "command": command}
+    commit = meta["git_commit"]
     paths = [out / "trace.json", out / "trace.md", out / "trace.png"]
     write_json(paths[0], meta | result)
     s = result["settings"]

@@ -278,10 +278,16 @@ def test_eval_runtime_scores_real_processes_like_the_simulation(tiny, tmp_path, 
     metrics = {}
     for flag in ((), ("--runtime",)):
         out = tmp_path / f"eval{len(flag)}.json"
+        # 30 % packet loss, no parity: real packets dropped by the workers, predicted by the
+        # simulation, the same ones for the same sequence
         argv = ["eval", "--model", str(dir_a), "--artefacts", str(cal), "--devices", "2",
-                "--limit", "4", "--json", str(out), *flag, *_small()]
+                "--limit", "4", "--json", str(out), "--loss", "0,0.3", "--parity", "0",
+                *flag, *_small()]
         assert main(argv) == 0
         rows = json.loads(out.read_text())["rows"]
-        metrics[flag] = {r["runtime"]: r["metric"] for r in rows if "runtime" in r}
-    assert metrics[()]["simulation"] == pytest.approx(metrics[("--runtime",)]["processes"],
-                                                      rel=1e-4)
+        metrics[flag] = {(r["runtime"], r["loss"]): r["metric"] for r in rows if "runtime" in r}
+    assert "| packet loss |" in capsys.readouterr().out
+    for rate in (0, 0.3):
+        assert metrics[()][("simulation", rate)] == pytest.approx(
+            metrics[("--runtime",)][("processes", rate)], rel=1e-4)
+    assert metrics[()][("simulation", 0.3)] != metrics[()][("simulation", 0)]

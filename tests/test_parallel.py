@@ -385,14 +385,19 @@ def test_causal_block_attention_equals_masked_attention(q_pos, k_pos, monkeypatc
     assert torch.isneginf(lse[..., ~visible]).all()
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "random"])
-def test_lost_codes_are_dropped_identically_in_simulation_and_runtime(kind):
+@pytest.mark.parametrize("kind,parity", [("contiguous", 0), ("random", 0), ("contiguous", 1)])
+def test_lost_packets_are_dropped_identically_in_simulation_and_runtime(kind, parity):
+    """The runtime cuts codes into real packets and drops the ones the network loses; the
+    simulation predicts the same tokens lost without building bytes."""
     from astra.net.link import LossModel
+    from astra.net.packets import HEADER, PacketChannel, PacketFormat
 
     model = tiny_llama()
     x = model.embed(torch.randint(0, 97, (1, 24))).detach()
     cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
-    loss = LossModel(0.3, seed=3)
+    # 16 bits per token: packets of 2 tokens, so a sender's 8 tokens travel in 4 packets
+    fmt = PacketFormat(mtu=HEADER.size + 4, parity_every=parity)
+    loss = PacketChannel(LossModel(0.3, seed=3), fmt)
     sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 3, kind=kind, loss=loss)
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()

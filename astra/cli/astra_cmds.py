@@ -8,6 +8,7 @@ eval:      rows like the paper's Tables 1 and 3 (full precision vs ASTRA on N si
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from astra.cli.common import (
     add_force_arg,
+    add_loss_args,
     fail,
     int_list,
     positive_int,
@@ -300,6 +302,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="decoders: score ASTRA through N real worker processes (astra.group.Group) "
         "instead of the single-process simulation",
     )
+    add_loss_args(p, many=True)
     p.set_defaults(runner=run_eval)
     return p
 
@@ -638,6 +641,8 @@ METHOD_NAMES = {"calibrated": "ASTRA calibrated", "fine-tuned": "ASTRA fine-tune
 def eval_command(args) -> dict:
     from astra.hub import resolve_model
     from astra.models import load_model
+    from astra.net.link import LinkConfig
+    from astra.net.packets import PacketChannel
     from astra.parallel.artefact import read_artefact
     from astra.parallel.config import AstraConfig
     from astra.parallel.placement import PlacementConfig
@@ -692,11 +697,15 @@ def eval_command(args) -> dict:
             head = "fine-tuned (artefact)" if probe_state is not None else fp_probe
         q = quant_summary(astra)
         mode = blob.get("extra", {}).get("mode", "calibrated")
-        for n in args.devices:
+        for n, rate in itertools.product(args.devices, args.loss):
+            if n == 1 and rate > 0:
+                continue  # one device sends nothing: nothing to lose
+            link = LinkConfig(loss_rate=rate, loss_parity=args.parity)
             if args.runtime:
-                metric = _runtime_perplexity(args.model, path, n, task, args, progress)
+                metric = _runtime_perplexity(args.model, path, n, task, args, progress, link)
             else:
-                metric = evaluate(astra, task, PlacementConfig(n), **kw)
+                loss = PacketChannel.for_link(link)
+                metric = evaluate(astra, task, PlacementConfig(n), loss=loss, **kw)
             rows.append(
                 {
                     "method": METHOD_NAMES.get(mode, mode),
@@ -711,9 +720,11 @@ def eval_command(args) -> dict:
                     "metric": metric,
                     "head": head,
                     "runtime": "processes" if args.runtime else "simulation",
+                    "loss": rate,
+                    "parity": args.parity if rate > 0 else None,
                 }
             )
-            log.info("%s x%d: %s %.4f", Path(path).name, n, task.metric, metric)
+            log.info("%s x%d loss %g: %s %.4f", Path(path).name, n, rate, task.metric, metric)
     q = quant_summary(reference)
     return {
         "model": args.model,
@@ -731,14 +742,16 @@ def eval_command(args) -> dict:
     }
 
 
-def _runtime_perplexity(model: str, artefact, devices: int, task, args, progress: bool) -> float:
+def _runtime_perplexity(
+    model: str, artefact, devices: int, task, args, progress: bool, link
+) -> float:
     """Perplexity of `artefact` on `devices` real worker processes: every sequence is one
     Group.score request (distributed prefill, each device scores its own tokens)."""
     import math
 
     from tqdm.auto import tqdm
 
-    from astra.group import Group, GroupConfig, LinkConfig, QuantConfig
+    from astra.group import Group, GroupConfig, QuantConfig
 
     if task.metric != "perplexity":
         raise ValueError(
@@ -750,7 +763,7 @@ def _runtime_perplexity(model: str, artefact, devices: int, task, args, progress
         devices=devices,
         method="astra",
         methods=("astra",),
-        link=LinkConfig(),  # accuracy does not depend on the link
+        link=link,  # accuracy depends only on what the link loses
         quant=QuantConfig(artefact=str(artefact)),
         peer_timeout_s=120.0,
         reform=False,  # a score computed on fewer devices would be another row
@@ -764,9 +777,12 @@ def _runtime_perplexity(model: str, artefact, devices: int, task, args, progress
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
+    lossy = any(r.get("loss") for r in rows)
     lines = [
-        f"| method | artefact | devices | point | G | K | bits/token | compression | {metric} |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| method | artefact | devices | point | G | K | bits/token | compression | "
+        + ("packet loss | " if lossy else "")
+        + f"{metric} |",
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if lossy else "") + "---:|",
     ]
     for r in rows:
         comp = "-" if r["compression"] is None else f"{r['compression']:.1f}x"
@@ -778,6 +794,6 @@ def markdown_table(rows: list[dict], metric: str) -> str:
         lines.append(
             f"| {r['method']} | {name} | {r['devices']} | {r['quant_point'] or '-'} | "
             f"{r['groups'] or '-'} | {r['codebook_size'] or '-'} | {r['bits_per_token']:,} | "
-            f"{comp} | {shown} |"
+            f"{comp} | " + (f"{r.get('loss') or 0:.0%} | " if lossy else "") + f"{shown} |"
         )
     return "\n".join(lines)

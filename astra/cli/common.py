@@ -115,6 +115,53 @@ def seconds_arg(text: str) -> float:
     return value
 
 
+def loss_rate_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.05, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a packet loss rate in [0, 1), got {text}")
+    return value
+
+
+def parity_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (no parity) or more, got {value}")
+    return value
+
+
+def loss_rates_arg(text: str) -> list[float]:
+    """ "0,0.01,0.05" -> [0.0, 0.01, 0.05]."""
+    return [loss_rate_arg(t) for t in text.split(",") if t.strip()] or [0.0]
+
+
+def add_loss_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    parser.add_argument(
+        "--loss",
+        type=loss_rates_arg if many else loss_rate_arg,
+        default=[0.0] if many else 0.0,
+        metavar="RATES" if many else "RATE",
+        help=("packet loss rates, comma-separated, one row each, e.g. 0,0.01,0.05,0.1 "
+              "(default 0)" if many else "packet loss rate, e.g. 0.05 (default 0)")
+        + ": codes travel in packets of at most one MTU, never retransmitted; receivers "
+        "attend to the tokens that arrived (astra.net.packets)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--parity",
+        type=parity_arg,
+        default=1,
+        metavar="K",
+        help="with --loss: one XOR parity packet per K data packets rebuilds any one lost "
+        "packet of those K+1 (default 1: every packet twice, for a few hundred bytes per "
+        "block; 0: no parity)",
+    )
+
+
 def add_timeout_args(parser: argparse.ArgumentParser, job: float = 600.0) -> None:
     parser.add_argument(
         "--timeout",
@@ -168,8 +215,12 @@ def add_search_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def write_json(path: str | Path | None, obj) -> None:
-    """Atomically (astra.storage); nothing for no path."""
+    """Atomically (astra.storage), with where the numbers came from; nothing for no path."""
     if path is not None:
+        from astra.provenance import provenance
+
+        if isinstance(obj, dict):
+            obj = {"provenance": provenance(), **obj}
         storage.write_json(path, obj)
 
 

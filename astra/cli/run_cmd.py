@@ -10,6 +10,7 @@ from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
+    add_loss_args,
     add_model_arg,
     add_quant_args,
     add_search_arg,
@@ -123,14 +124,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         "step (default; the paper's App. G, ~600x less memory) or rebuild them once and keep "
         "the floats (faster per token)",
     )
-    p.add_argument(
-        "--loss",
-        type=float,
-        default=0.0,
-        metavar="RATE",
-        help="fraction of remote tokens whose codes are lost on the way, e.g. 0.05; no "
-        "retransmission: receivers attend to what arrived (paper Table 6)",
-    )
+    add_loss_args(p)
     add_timeout_args(p)
     add_dtype_arg(p)
     add_search_arg(p)
@@ -166,6 +160,7 @@ def run(args) -> int:
             peer_timeout_s=args.peer_timeout,
             prompt=args.prompt,
             loss_rate=args.loss,
+            parity=args.parity,
             dtype=args.dtype,
             search=args.search,
         )

@@ -26,7 +26,8 @@ from torch import nn
 from astra.group.config import DTYPES
 from astra.models import KVCache, load_model
 from astra.net.comm import Communicator
-from astra.net.link import LinkConfig, LossModel
+from astra.net.link import LinkConfig
+from astra.net.packets import PacketChannel, request_seed
 from astra.parallel.engine import (
     build_rank_layout,
     build_sequence_layout,
@@ -303,7 +304,7 @@ def _run_sequence_parallel(
     layout = build_rank_layout(seq, rank, world_size, state.causal)
     decode_rank = int(seq.device_of_token[-1])
     # lost codes (--loss): the same tokens dropped as in the single-process simulation
-    loss = LossModel(item.link.loss_rate, seed=0) if item.link.loss_rate > 0 else None
+    loss = PacketChannel.for_link(item.link, request_seed(item.inputs))
     install_rank_attention(
         model,
         state.codecs[item.method],

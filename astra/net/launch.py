@@ -72,7 +72,9 @@ def _worker(
         )
         value = fn(rank, world_size, dist.group.WORLD, *args)
         # Pickled here with the plain pickler: tensors travel by value, not as shared-memory
-        # handles that would die with this process.
+        # handles that would die with this process. This is a local pipe to the parent that
+        # started this process (same user, same machine), never a network peer: peers only
+        # exchange tensors and JSON (astra.net.comm).
         results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # report everything, including KeyboardInterrupt/SystemExit
         results.put((rank, False, describe_failure(exc)))

@@ -97,8 +97,10 @@ class LinkConfig:
 
     bandwidth_mbps: float = math.inf  # uplink rate of each device, Mbit/s; math.inf = unlimited
     latency_ms: float = 0.0  # one-way propagation delay per message, ms
-    loss_rate: float = 0.0  # probability that a message (or token) is lost, 0..1; see LossModel
+    loss_rate: float = 0.0  # probability that a packet is lost, 0..1 (astra.net.packets)
     topology: str = "star"  # free-text note recorded with results (e.g. "wifi-ap", "ethernet")
+    # on a lossy link: one XOR parity packet per this many data packets (0: none)
+    loss_parity: int = 1
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_mbps > 0):  # also rejects NaN
@@ -107,6 +109,8 @@ class LinkConfig:
             raise ValueError(f"latency_ms must be finite and >= 0, got {self.latency_ms}")
         if not (0.0 <= self.loss_rate <= 1.0):
             raise ValueError(f"loss_rate must be in [0, 1], got {self.loss_rate}")
+        if self.loss_parity < 0:
+            raise ValueError(f"loss_parity must be >= 0, got {self.loss_parity}")
 
     @classmethod
     def from_strings(

@@ -36,9 +36,12 @@ class CodesCodec:
         self.use_tables = use_tables and quantizer.point == "hidden"
         self.needs_kv = quantizer.point == "kv"  # encode from the projected k, v
 
+    def encode_codes(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
+        """The sender's codes (n, G_wire), before packing (packets pack their own slices)."""
+        return self.quantizer.encode(attn, x, kv, self.search_dtype)[0]  # (1, n, G) -> (n, G)
+
     def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
-        codes = self.quantizer.encode(attn, x, kv, self.search_dtype)  # (1, n, G_wire)
-        return pack_codes(codes[0], self.bits)
+        return pack_codes(self.encode_codes(attn, x, kv), self.bits)
 
     def payload_bytes(self, num_tokens: int) -> int:
         return (num_tokens * self.groups * self.bits + 7) // 8

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astra.models.attention import Attention, causal_mask
+from astra.parallel.codecs import CodesCodec
 
 if TYPE_CHECKING:
     from astra.net.protocol import Comm
@@ -102,7 +103,8 @@ class RankAttention(nn.Module):
         self.sends = self.exchange == "all-gather" or bool(layout.consumers)
         self.inner = inner
         self.block = block  # index of this block: keys the loss decisions
-        self.loss = loss  # LossModel: remote tokens whose codes never arrive (no retransmission)
+        # PacketChannel: a lossy link, codes travel in packets and lost ones are not resent
+        self.loss = loss
         self.lost_tokens = 0
         self.codec = codec
         self.layout = layout
@@ -126,12 +128,12 @@ class RankAttention(nn.Module):
             # 1. what leaves this device: codes of the shared tokens' k and v
             payload = None
             if self.sends:
-                payload = self.codec.encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
+                payload = self._encode(attn, x[:, send], (k[:, :, send], v[:, :, send]))
             handle = self._start_exchange(payload)
             lap("encode")
         else:
             # 1. what leaves this device, first, so the link starts as early as possible
-            payload = self.codec.encode(attn, x[:, send]) if self.sends else None
+            payload = self._encode(attn, x[:, send]) if self.sends else None
             handle = self._start_exchange(payload)
             lap("encode")
             q, k, v = attn.project(x)
@@ -197,12 +199,31 @@ class RankAttention(nn.Module):
             payloads[j] = self.comm.recv_tensor(j)
         return payloads
 
-    def kept(self, sender: int) -> Tensor | None:
-        """Bool (n,) over the sender's tokens that arrived, or None when nothing is lost."""
-        if self.loss is None or self.loss.rate == 0:
-            return None
+    def _encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
+        """What leaves this device: the codec's payload or, on a lossy link, the codes cut
+        into MTU-sized packets (astra.net.packets)."""
+        if self.loss is not None and isinstance(self.codec, CodesCodec):
+            codes = self.codec.encode_codes(attn, x, kv)  # (n, G_wire)
+            return self.loss.send(codes, self.codec.bits, self.block, self.layout.rank)
+        return self.codec.encode(attn, x, kv)
+
+    def _receive(self, payload: Tensor, sender: int) -> tuple[Tensor, Tensor | None]:
+        """(what arrived from `sender` (1, n, .), kept (n,) bool or None when nothing is lost).
+        On a lossy link the packets the network drops are dropped here, and only what arrived
+        (or was rebuilt from parity) is decoded."""
         count = self.layout.send_counts[sender]
-        return ~self.loss.dropped_mask(count, self.block, sender, self.layout.rank)
+        if self.loss is None:
+            return self.codec.receive(payload, count), None
+        rank = self.layout.rank
+        if isinstance(self.codec, CodesCodec):
+            c = self.codec
+            codes, kept = self.loss.receive(
+                payload, count, c.groups, c.bits, self.block, sender, rank
+            )
+            return codes[None], kept  # (n, G) -> (1, n, G)
+        item_bits = payload.numel() * 8 // max(count, 1)  # floats: a token spans packets
+        kept = self.loss.kept_tokens(count, item_bits, self.block, sender, rank)
+        return self.codec.receive(payload, count), kept
 
     def joined_remote(
         self, payloads: list[Tensor | None], senders: list[int], count_lost: bool = True
@@ -212,9 +233,8 @@ class RankAttention(nn.Module):
         tokens are simply not attended to) and, with `count_lost`, counted once per pass."""
         received, pos = [], []
         for j in senders:
-            got = self.codec.receive(payloads[j], self.layout.send_counts[j])  # (1, n, .)
+            got, keep = self._receive(payloads[j], j)  # (1, n, .), (n,)
             p = self.layout.send_positions[j]
-            keep = self.kept(j)
             if keep is not None:
                 if count_lost:
                     self.lost_tokens += int((~keep).sum())

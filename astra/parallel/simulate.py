@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from astra.models.attention import Attention, causal_mask
-from astra.net.link import LossModel
+from astra.net.packets import PacketChannel
 from astra.parallel.config import AstraConfig, check_codebook_memory
 from astra.parallel.placement import PlacementConfig, assign_tokens
 from astra.parallel.quantizer import BlockQuantizer, quant_dims
@@ -27,7 +27,9 @@ class DeviceLayout:
 
     device_of_token: Tensor  # (T,) int64
     sendable: Tensor  # (T,) bool: False for distributed class-token replicas, never sent
-    loss: LossModel | None = None  # codes lost on the way (no retransmission), per block
+    # packets lost on the way (no retransmission): one channel per batch row, or one for all
+    loss: list[PacketChannel] | None = None
+    item_bits: int = 0  # bits one token's codes take per block (what packets carry)
 
 
 class _Slot:
@@ -85,27 +87,33 @@ def mixed_precision_mask(
     dev = layout.device_of_token
     same = dev[:, None] == dev[None, :]  # (T, T)
     remote = ~same & layout.sendable[None, :]
-    if layout.loss is not None and layout.loss.rate > 0:
-        remote = remote & ~lost_tokens(layout, block)[dev]  # (T, T): receiver row, token col
+    if layout.loss:
+        # (B|1, T, T): receiver row (via its device), token column; one channel per batch row
+        lost = torch.stack([lost_tokens(layout, block, ch)[dev] for ch in layout.loss])
+        remote = remote & ~lost[:, None]  # (B|1, 1, T, T)
     if mask is None:
         mask = torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool, device=dev.device)
     mask = mask.bool()
-    return torch.cat([mask & same, mask & remote], dim=-1)
+    exact, rebuilt = torch.broadcast_tensors(mask & same, mask & remote)  # (B|1, 1, T, T) each
+    return torch.cat([exact, rebuilt], dim=-1)
 
 
-def lost_tokens(layout: DeviceLayout, block: int) -> Tensor:
+def lost_tokens(layout: DeviceLayout, block: int, channel: PacketChannel) -> Tensor:
     """(N, T) bool: True where receiver r lost token t's codes in `block`.
 
-    Same keys as the runtime (block, sender, receiver, over the sender's sent tokens in order),
-    so the simulation and the distributed run drop exactly the same tokens."""
+    Same packets and keys as the runtime (astra.net.packets: block, sender, receiver, packet;
+    the sender's sent tokens in order, interleaved over its packets), so the simulation and the
+    distributed run lose exactly the same tokens."""
     dev, n = layout.device_of_token, int(layout.device_of_token.max()) + 1
     lost = torch.zeros(n, dev.numel(), dtype=torch.bool)
     for sender in range(n):
         sent = torch.nonzero((dev == sender) & layout.sendable).flatten()
         for receiver in range(n):
             if receiver != sender and sent.numel():
-                drop = layout.loss.dropped_mask(sent.numel(), block, sender, receiver)
-                lost[receiver, sent[drop]] = True
+                kept = channel.kept_tokens(
+                    sent.numel(), layout.item_bits, block, sender, receiver
+                )
+                lost[receiver, sent[~kept]] = True
     return lost.to(dev.device)
 
 
@@ -142,7 +150,7 @@ class AstraModel(nn.Module):
         x: Tensor,
         placement: PlacementConfig | None,
         attention_mask: Tensor | None = None,
-        loss: LossModel | None = None,
+        loss: PacketChannel | list[PacketChannel] | None = None,
     ) -> Tensor:
         """Embedded tokens x (B, T, D) -> last hidden states (B, T, D) before the model's head.
 
@@ -166,7 +174,8 @@ class AstraModel(nn.Module):
         self.slot.layout = None
         if num_devices > 1:
             self.slot.layout = self._layout(num_tokens, placement, replicate, x.device)
-            self.slot.layout.loss = loss
+            self.slot.layout.loss = [loss] if isinstance(loss, PacketChannel) else loss
+            self.slot.layout.item_bits = self.config.bits_per_token_per_block()
         try:
             for block in self.model.blocks:
                 x = block(x, positions, mask)

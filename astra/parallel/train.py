@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from astra.net.packets import PacketChannel, input_seed
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import AstraModel
 from astra.storage import load_tensors, save_tensors
@@ -83,8 +84,10 @@ def evaluate(
     limit: int | None = None,
     reference: AstraModel | None = None,
     progress: bool = True,
+    loss: PacketChannel | None = None,
 ) -> float:
-    """The task metric with ASTRA on `placement` (None = the full-precision model).
+    """The task metric with ASTRA on `placement` (None = the full-precision model); `loss`:
+    the packets of codes a lossy link drops (astra.net.packets).
 
     `reference`: the model whose full-precision outputs the embedding task compares with
     (default `astra` itself; pass the original model when `astra` carries fine-tuned weights).
@@ -101,7 +104,11 @@ def evaluate(
         if needs_reference:
             x_ref = task.embed(reference.model, batch)
             expected = task.outputs(reference.model, reference.forward_hidden(x_ref, None, mask))
-        outputs = task.outputs(astra.model, astra.forward_hidden(x, placement, mask))
+        channels = None
+        if loss is not None and placement is not None:  # each sequence meets its own losses
+            rows = batch["input_ids"] if "input_ids" in batch else batch["pixels"]
+            channels = [loss.reseeded(input_seed(row)) for row in rows]
+        outputs = task.outputs(astra.model, astra.forward_hidden(x, placement, mask, channels))
         s, n = task.score(outputs, expected, batch)
         total, count = total + s, count + n
     return task.finish(total, count)
