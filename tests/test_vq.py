@@ -433,3 +433,28 @@ def test_noise_only_in_training():
     with pytest.raises(ValueError, match="lam=-0.5"):
         noise.apply(x_hat, -0.5)
     assert set(noise.state_dict()) == {"mean", "scale", "fitted"}
+
+
+def test_seeding_many_codebooks_at_once_seeds_each_from_its_own_samples():
+    """seed_codebooks: one batched k-means++ for codebooks of one shape; every seed is a sample
+    of its own codebook's group, and the fitted error matches per-codebook seeding."""
+    from astra.vq.codebook import seed_codebooks
+
+    torch.manual_seed(0)
+    books = [GroupedCodebook(16, 4, 32) for _ in range(3)] + [GroupedCodebook(8, 1, 32)]
+    samples = [torch.randn(400, 16) * (i + 1) for i in range(3)] + [torch.randn(20, 8)]
+    seeds = seed_codebooks(books, samples, seed=1)
+    assert seeds[3] is None  # fewer samples than codes: kmeans_init_ handles it alone
+    errors = {}
+    for i in range(3):
+        groups = books[i]._to_groups(samples[i])  # (G, N, Dg)
+        assert seeds[i].shape == (4, 32, 4)
+        # every seed is one of its own group's samples (k-means++ draws data points)
+        match = (seeds[i][:, :, None, :] == groups[:, None, :, :]).all(-1).any(-1)
+        assert match.all()
+        for label, s in (("batched", seeds[i]), ("own", None)):
+            cb = GroupedCodebook(16, 4, 32)
+            cb.kmeans_init_(samples[i], num_iters=3, seed=1, seeds=s)
+            residual = samples[i] - cb.decode(cb.encode(samples[i]))
+            errors[i, label] = float(residual.square().sum() / samples[i].square().sum())
+        assert errors[i, "batched"] == pytest.approx(errors[i, "own"], rel=0.1)

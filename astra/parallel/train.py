@@ -25,6 +25,7 @@ from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import AstraModel
 from astra.storage import load_tensors, save_tensors
 from astra.tasks import SentenceEmbedding, Task
+from astra.vq.codebook import seed_codebooks
 
 CHECKPOINT_KIND = "astra-finetune-checkpoint/1"
 
@@ -53,16 +54,20 @@ def calibrate_(
         ]
     )
     gen = torch.Generator().manual_seed(seed)
+    recorded = [
+        [s[torch.randperm(s.shape[0], generator=gen)[:max_samples]] if s.shape[0] > max_samples
+         else s for s in parts]
+        for parts in recorded
+    ]  # fmt: skip
+    # k-means++ seeding of every codebook at once (its K sequential draws dominate otherwise)
+    codebooks = [c for q in astra.quantizers for c in q.codebooks]
+    seeds = iter(seed_codebooks(codebooks, [s for parts in recorded for s in parts], seed))
     errors = []
-    bar = tqdm(
-        total=sum(len(q.codebooks) for q in astra.quantizers), desc="k-means", disable=not progress
-    )
+    bar = tqdm(total=len(codebooks), desc="k-means", disable=not progress)
     for quantizer, parts in zip(astra.quantizers, recorded):
         block_errors = []
         for codebook, noise, samples in zip(quantizer.codebooks, quantizer.noises, parts):
-            if samples.shape[0] > max_samples:
-                samples = samples[torch.randperm(samples.shape[0], generator=gen)[:max_samples]]
-            codebook.kmeans_init_(samples, num_iters=kmeans_iters, seed=seed)
+            codebook.kmeans_init_(samples, num_iters=kmeans_iters, seed=seed, seeds=next(seeds))
             residual = samples - codebook.decode(codebook.encode(samples))
             noise.reset_()
             noise.fit_(residual)

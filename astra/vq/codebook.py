@@ -324,7 +324,12 @@ class GroupedCodebook(nn.Module):
 
     @torch.no_grad()
     def kmeans_init_(
-        self, samples: Tensor, num_iters: int = 10, seed: int = 0, init: str = "kmeans++"
+        self,
+        samples: Tensor,
+        num_iters: int = 10,
+        seed: int = 0,
+        init: str = "kmeans++",
+        seeds: Tensor | None = None,
     ) -> None:
         """Per-group K-means on activations `samples (N, D)` (§3.2: init from the pretrained model).
 
@@ -332,6 +337,7 @@ class GroupedCodebook(nn.Module):
         samples). Then `num_iters` Lloyd iterations on all samples; empty clusters are re-seeded
         at the points farthest from their centre. N < K: warns and uses every sample once plus
         random repeats (sampling with replacement), so the samples are quantized exactly.
+        `seeds` (G, K, Dg): starting centres already drawn (`seed_codebooks`), instead of `init`.
         """
         if init not in ("kmeans++", "random"):
             raise ValueError(f"init must be 'kmeans++' or 'random', got init={init!r}")
@@ -358,6 +364,8 @@ class GroupedCodebook(nn.Module):
         elif init == "random":
             order = torch.rand(num_groups, num_samples, generator=gen, device=x.device)
             centers = x[group, order.argsort(dim=1)[:, :size]]  # (G, K, Dg)
+        elif seeds is not None:
+            centers = seeds.to(x.dtype)
         else:
             centers = _kmeans_plus_plus(x, size, gen)
         if num_samples >= size:
@@ -408,6 +416,33 @@ def table_sum(table: Tensor, codes: Tensor) -> Tensor:
         return table.new_zeros(*codes.shape[:-1], d_out)
     out = F.embedding_bag(flat, table.reshape(-1, d_out), mode="sum")  # (M, D_out)
     return out.reshape(*codes.shape[:-1], d_out)
+
+
+def seed_codebooks(
+    codebooks: list[GroupedCodebook], samples: list[Tensor], seed: int = 0
+) -> list[Tensor | None]:
+    """k-means++ seeds (G, K, Dg) for many codebooks at once (None where N < K).
+
+    Seeding is K sequential draws; run per codebook it is most of a calibration (SmolLM2, G=32,
+    K=1024: 60 codebooks x 1024 draws of a few small ops each). Codebooks of one shape are
+    stacked along the group axis and seeded together: the same D^2 sampling per group, K draws
+    in all instead of K per codebook. Each group draws from its own pool, so the result is a
+    k-means++ seeding of every codebook, as `kmeans_init_` would make with its own generator.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Tensor | None] = [None] * len(codebooks)
+    shapes: dict[tuple, list[int]] = {}
+    for i, (codebook, x) in enumerate(zip(codebooks, samples)):
+        c = codebook.config
+        if x.shape[0] >= c.codebook_size:
+            shapes.setdefault((c.codebook_size, c.group_dim, x.shape[0]), []).append(i)
+    for (size, _, _), members in shapes.items():
+        # (N, D) each -> (G_i, N, Dg) -> (sum G_i, N, Dg)
+        grouped = [codebooks[i]._to_groups(samples[i]).float() for i in members]
+        centers = _kmeans_plus_plus(torch.cat(grouped).contiguous(), size, gen)
+        for i, part in zip(members, centers.split([g.shape[0] for g in grouped])):
+            out[i] = part  # (G_i, K, Dg)
+    return out
 
 
 def _kmeans_plus_plus(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
