@@ -74,22 +74,41 @@ class KVCache:
     """One layer's keys/values seen so far; `update` appends along the token axis.
 
     Positions are whatever the caller rotated with; `length` is the number of cached tokens.
+    Storage is preallocated and grows by doubling, so a decoding step writes one token in place
+    instead of copying the whole cache (torch.cat per step is O(T) per token, O(T^2) per
+    answer); `k`/`v` are views of the filled part.
     """
 
     def __init__(self) -> None:
-        self.k: Tensor | None = None  # (B, Hkv, T_past, hd)
-        self.v: Tensor | None = None  # (B, Hkv, T_past, hd)
+        self._k: Tensor | None = None  # (B, Hkv, capacity, hd)
+        self._v: Tensor | None = None
+        self.length = 0
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def k(self) -> Tensor | None:  # (B, Hkv, T_past, hd)
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is not None:
-            k = torch.cat((self.k, k), dim=2)  # (B, Hkv, T_past + T, hd)
-            v = torch.cat((self.v, v), dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Append k, v (B, Hkv, T, hd); returns every cached key and value (views)."""
+        end = self.length + k.shape[2]
+        if self._k is None or end > self._k.shape[2] or self._k.dtype != k.dtype:
+            capacity = end if self._k is None else max(end, 2 * self._k.shape[2])
+            self._k, self._v = self._grown(self._k, k, capacity), self._grown(self._v, v, capacity)
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
+        return self.k, self.v
+
+    def _grown(self, old: Tensor | None, new: Tensor, capacity: int) -> Tensor:
+        b, h, _, hd = new.shape
+        out = new.new_empty(b, h, capacity, hd)  # (B, Hkv, capacity, hd)
+        if old is not None and self.length:
+            out[:, :, : self.length] = old[:, :, : self.length]
+        return out
 
 
 class Attention(nn.Module):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from astra.models.attention import Attention, causal_mask
+from astra.models.attention import Attention, KVCache, causal_mask
 from astra.parallel.codecs import CodesCodec
 
 if TYPE_CHECKING:
@@ -280,7 +280,8 @@ class DecodeAttention(nn.Module):
         self.inner = rank_attention.inner
         self.codec = rank_attention.codec
         self.layout = rank_attention.layout
-        self.k, self.v = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
+        self.cache = KVCache()  # preallocated: a step appends in place (no copy of the cache)
+        k_local, v_local = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
         lay = self.layout
         # every rank's tokens precede the last one, so the decode device has received them all
         self.senders = [j for j in lay.senders if captured["payloads"][j] is not None]
@@ -290,12 +291,13 @@ class DecodeAttention(nn.Module):
         self.remote, self.remote_positions = rank_attention.joined_remote(
             captured["payloads"], self.senders, count_lost=False
         )  # (1, T_remote, G_wire) or None
-        self.rebuilt_tokens = 0  # remote tokens rebuilt once, at the front of self.k/self.v
+        self.rebuilt_tokens = 0  # remote tokens rebuilt once, at the front of the cache
         if remote_cache == "rebuilt" and self.remote is not None:
             k_hat, v_hat = self._rebuild()
             # one cache in position order, as on a single device: (1, Hkv, T_remote + T_local, hd)
-            self.k, self.v = torch.cat([k_hat, self.k], dim=2), torch.cat([v_hat, self.v], dim=2)
+            self.cache.update(k_hat, v_hat)
             self.rebuilt_tokens, self.remote = k_hat.shape[2], None
+        self.cache.update(k_local, v_local)
 
     def _rebuild(self) -> tuple[Tensor, Tensor]:
         """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes (non-empty)."""
@@ -303,9 +305,10 @@ class DecodeAttention(nn.Module):
         return self.inner.rotate(k, self.remote_positions), v
 
     def cache_bytes(self) -> dict:
-        per_token = 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()  # k and v
+        k = self.cache.k
+        per_token = 2 * k.shape[1] * k.shape[3] * k.element_size()  # k and v
         rebuilt = self.rebuilt_tokens * per_token
-        local = (self.k.numel() + self.v.numel()) * self.k.element_size() - rebuilt
+        local = self.cache.length * per_token - rebuilt
         r = self.remote
         remote_bits = (
             0 if r is None else r.numel() * getattr(self.codec, "bits", r.element_size() * 8)
@@ -320,9 +323,7 @@ class DecodeAttention(nn.Module):
         attn = self.inner
         q, k, v = attn.project(x)  # (1, H, 1, hd), (1, Hkv, 1, hd)
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        k_all, v_all = self.k, self.v
+        k_all, v_all = self.cache.update(k, v)  # in place, no copy of the cache
         if self.remote is not None:  # codes kept: rebuild every step
             k_hat, v_hat = self._rebuild()
             k_all = torch.cat([k_hat, k_all], dim=2)
