@@ -96,7 +96,7 @@ class RunConfig:
     overlap: bool = True  # overlap the code exchange with local attention
     exchange: str = "auto"  # auto: stream causal prefills point-to-point, all-gather otherwise
     # decoding: remote K/V kept as codes and rebuilt every step (App. G), or rebuilt once
-    remote_cache: str = "codes"
+    remote_cache: str = "rebuilt"  # see GroupConfig.remote_cache
     use_tables: bool = False  # per-code projection tables for the "hidden" point
     timeout_s: float = 600.0  # the whole run (or one request in a warm group)
     peer_timeout_s: float = 30.0  # one collective / a silent device: named after this long
@@ -183,7 +183,7 @@ class Job:
     use_tables: bool
     decoder: bool
     exchange: str = "auto"
-    remote_cache: str = "codes"
+    remote_cache: str = "rebuilt"
     loss_rate: float = 0.0
     parity: int = 1
     decode: bool = True  # decoders: generate new_tokens after the prefill (False: TTFT only)

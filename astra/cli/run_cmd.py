@@ -119,10 +119,11 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-cache",
         choices=REMOTE_CACHES,
-        default="codes",
-        help="decoding: keep the other devices' keys/values as codes and rebuild them every "
-        "step (default; the paper's App. G, ~600x less memory) or rebuild them once and keep "
-        "the floats (faster per token)",
+        default="rebuilt",
+        help="decoding: rebuild the other devices' keys/values once and keep the floats "
+        "(default: a decoding step then costs what it costs on one device), or keep them as "
+        "codes and rebuild them every step (the paper's App. G: ~600x less memory for the "
+        "remote part, slower per token)",
     )
     add_loss_args(p)
     add_timeout_args(p)
@@ -242,7 +243,8 @@ def print_summary(summary: dict) -> None:
         if astra.get("kv_cache"):
             c = astra["kv_cache"]
             remote = (
-                f"{_bytes(c['remote_rebuilt_bytes'])} remote rebuilt once (--remote-cache rebuilt)"
+                f"{_bytes(c['remote_rebuilt_bytes'])} remote rebuilt once"
+                " (--remote-cache codes keeps codes)"
                 if c.get("remote_rebuilt_bytes")
                 else f"{_bytes(c['remote_code_bytes'])} remote kept as codes"
             )

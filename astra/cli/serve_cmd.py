@@ -96,8 +96,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-cache",
         choices=REMOTE_CACHES,
-        default="codes",
-        help="decoding keeps the other devices' K/V as codes (default) or rebuilt once",
+        default="rebuilt",
+        help="decoding rebuilds the other devices' K/V once (default, fastest per token) or "
+        "keeps them as codes, rebuilt every step (App. G, less memory)",
     )
     p.add_argument(
         "--max-queue",

@@ -69,7 +69,9 @@ class GroupConfig:
     dtype: str = "float32"
     placement: str = "contiguous"
     exchange: str = "auto"  # how codes travel (astra.parallel.runtime.EXCHANGES)
-    remote_cache: str = "codes"  # decoding keeps remote K/V as codes (App. G) or rebuilt
+    # decoding: remote K/V rebuilt once ("rebuilt", as fast as one device per step) or kept
+    # as codes and rebuilt every step ("codes", the paper's App. G memory saving)
+    remote_cache: str = "rebuilt"
     overlap: bool = True  # the code exchange overlaps local attention
     use_tables: bool = False  # per-code projection tables at the hidden point
     # "auto": a request whose one-device estimate beats the group's on the current link runs

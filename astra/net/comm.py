@@ -16,6 +16,7 @@ be synchronised (NTP/PTP) to well below the latencies being emulated.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import json
@@ -34,6 +35,10 @@ _HEADER_BYTES = _HEADER_WORDS * 8
 _ALIGN = 16  # payload slots are padded to a multiple of this, so views as any dtype are aligned
 _OP_ALL_GATHER, _OP_ALL_REDUCE, _OP_P2P = 1, 2, 3
 _OP_NAMES = {_OP_ALL_GATHER: "all_gather", _OP_ALL_REDUCE: "all_reduce", _OP_P2P: "send/recv"}
+# Point-to-point messages travel in chunks of at most _P2P_CHUNK bytes, each into one of the
+# _P2P_WINDOW receives a receiver keeps posted per sender (see Communicator.expect).
+_P2P_CHUNK = 64 * 1024
+_P2P_WINDOW = 8
 # p2p header: the common 4 words, then dtype index, ndim and up to _MAX_DIMS sizes
 _MAX_DIMS = 8
 _DTYPES = [
@@ -156,7 +161,7 @@ class Communicator:
         self.device = torch.device("cuda", torch.cuda.current_device()) if is_nccl else None
         self._capacity = 0  # payload slot size agreed by all ranks (= last round's largest payload)
         self._seq = 0  # collective sequence number, identical on all ranks
-        self._p2p_seq: dict[tuple[int, int], int] = {}  # (src, dst) -> sequence number
+        self._mailbox = _mailbox(group)  # p2p state of the group, shared by its communicators
         self._pending_sends: list[tuple] = []  # (work, buffer, dst) of send_tensor in flight
 
     @property
@@ -320,20 +325,23 @@ class Communicator:
         self._reap_sends(block=False)
         if x.dim() > _MAX_DIMS:
             raise ValueError(f"send_tensor supports up to {_MAX_DIMS} dims, got {x.dim()}")
+        box = self._mailbox
         key = (self.rank, dst)
-        self._p2p_seq[key] = seq = self._p2p_seq.get(key, 0) + 1
-        payload = as_bytes(x).to(self.device, copy=True)
+        box.seq[key] = seq = box.seq.get(key, 0) + 1
+        payload = as_bytes(x).to(self.device)
         send_s = self._reserve_uplink(payload.numel())
-        header = torch.zeros(_HEADER_WORDS + 2 + _MAX_DIMS, dtype=torch.int64)
+        header = torch.zeros(_P2P_HEADER_WORDS, dtype=torch.int64)
         header[:_HEADER_WORDS] = torch.tensor([_OP_P2P, seq, payload.numel(), int(send_s * 1e9)])
         header[_HEADER_WORDS] = _DTYPES.index(x.dtype)
         header[_HEADER_WORDS + 1] = x.dim()
         header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + x.dim()] = torch.tensor(x.shape)
+        # header and payload in one stream cut into chunks that fit the receives the peer keeps
+        # posted: a message of up to 64 kB (ASTRA's codes) is one gloo send that leaves at once
+        stream = torch.cat([header.view(torch.uint8).to(payload.device), payload])
         peer = dist.get_global_rank(self.group, dst)
-        for t in (header.to(payload.device), payload):
-            if t.numel():
-                work = self._call("send", lambda t=t: dist.isend(t, peer, group=self.group))
-                self._pending_sends.append((work, t, dst))  # t must live until sent
+        for t in stream.split(_P2P_CHUNK):
+            work = self._call("send", lambda t=t: dist.isend(t, peer, group=self.group))
+            self._pending_sends.append((work, t, dst))  # t must live until sent
         self.stats.add(
             comm_ms=(time.perf_counter() - t_start) * 1e3,
             num_messages=1,
@@ -362,13 +370,11 @@ class Communicator:
         """Receive the next tensor that group rank src sent with send_tensor."""
         t_start = time.perf_counter()
         self._reap_sends(block=False)
+        box = self._mailbox
         key = (src, self.rank)
-        self._p2p_seq[key] = seq = self._p2p_seq.get(key, 0) + 1
-        peer = dist.get_global_rank(self.group, src)
-        header = torch.zeros(_HEADER_WORDS + 2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-        work = self._call("recv", lambda: dist.irecv(header, peer, group=self.group))
-        self._wait_work(work, f"recv from rank {src}")
-        header = header.cpu()
+        box.seq[key] = seq = box.seq.get(key, 0) + 1
+        first = self._next_chunk(src)
+        header = first[:_P2P_HEADER_BYTES].cpu().view(torch.int64)
         op, got_seq, num_bytes, send_ns = (int(v) for v in header[:_HEADER_WORDS])
         if op != _OP_P2P or got_seq != seq:
             raise PeerFailure(
@@ -378,10 +384,11 @@ class Communicator:
         dtype = _DTYPES[int(header[_HEADER_WORDS])]
         ndim = int(header[_HEADER_WORDS + 1])
         shape = [int(s) for s in header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + ndim]]
-        payload = torch.empty(num_bytes, dtype=torch.uint8, device=self.device)
-        if num_bytes:
-            work = self._call("recv", lambda: dist.irecv(payload, peer, group=self.group))
-            self._wait_work(work, f"recv from rank {src}")
+        total = _P2P_HEADER_BYTES + num_bytes
+        chunks = [first[: min(total, _P2P_CHUNK)]]
+        for start in range(_P2P_CHUNK, total, _P2P_CHUNK):  # the rest of a large message
+            chunks.append(self._next_chunk(src)[: min(_P2P_CHUNK, total - start)])
+        payload = torch.cat(chunks)[_P2P_HEADER_BYTES:]  # (num_bytes,), a copy of the buffers
         emulated_s = 0.0
         if not self.link.is_ideal:
             emulated_s = max(
@@ -400,6 +407,31 @@ class Communicator:
             bytes_received=num_bytes,
         )
         return from_bytes(payload, dtype, shape, payload.device)
+
+    def expect(self, src: int) -> None:
+        """Keep _P2P_WINDOW receives posted for group rank src's next chunks (idempotent).
+
+        gloo over TCP sends a message only once the receiver's ready-to-receive notice has
+        arrived, so a receive posted when the data is needed costs a round trip on top of the
+        transfer (measured on a shaped link: about 4 one-way latencies per message, where the
+        link model charges one; benchmarks/network.md). Receives posted several messages ahead
+        let each chunk leave as soon as it is sent, whatever the latency: gloo matches a
+        sender's chunks to the posted receives in order, and a chunk may be shorter than its
+        receive."""
+        posted = self._mailbox.posted.setdefault((src, self.rank), collections.deque())
+        peer = dist.get_global_rank(self.group, src)
+        while len(posted) < _P2P_WINDOW:
+            buffer = torch.empty(_P2P_CHUNK, dtype=torch.uint8, device=self.device)
+            work = self._call("recv", lambda b=buffer: dist.irecv(b, peer, group=self.group))
+            posted.append((work, buffer))
+
+    def _next_chunk(self, src: int) -> torch.Tensor:
+        """The next chunk from src (its posted buffer; only the sent prefix is meaningful)."""
+        self.expect(src)
+        work, buffer = self._mailbox.posted[(src, self.rank)].popleft()
+        self._wait_work(work, f"recv from rank {src}")
+        self.expect(src)  # top the window up at once: the sender never waits for a notice
+        return buffer
 
     def now(self) -> float:
         """Wall-clock seconds for timing a phase (the lockstep communicator's is virtual)."""
@@ -438,6 +470,30 @@ class Communicator:
                 f"{self.timeout_s:g}s, world size {self.world_size}); a peer is slow, dead or "
                 f"out of step: {exc}"
             ) from exc
+
+
+_P2P_HEADER_WORDS = _HEADER_WORDS + 2 + _MAX_DIMS
+_P2P_HEADER_BYTES = _P2P_HEADER_WORDS * 8
+
+
+@dataclass
+class _Mailbox:
+    """One process group's point-to-point state, shared by every Communicator on it: sequence
+    numbers and the receives posted ahead per sender (a receive posted by one communicator
+    catches the next chunk whichever communicator sent it)."""
+
+    seq: dict = field(default_factory=dict)  # (src, dst) -> messages so far
+    posted: dict = field(default_factory=dict)  # (src, dst) -> deque of (work, buffer)
+
+
+_mailboxes: dict[int, tuple] = {}  # id(group) -> (group, its _Mailbox)
+
+
+def _mailbox(group: dist.ProcessGroup) -> _Mailbox:
+    entry = _mailboxes.get(id(group))
+    if entry is None or entry[0] is not group:  # a new group may reuse a dead one's id
+        entry = _mailboxes[id(group)] = (group, _Mailbox())
+    return entry[1]
 
 
 def all_gather_json(comm: Communicator, obj) -> list:

@@ -224,6 +224,9 @@ class LockstepComm:
         self.stats.add(num_messages=1, bytes_sent=payload.numel())
         self._resume()
 
+    def expect(self, src: int) -> None:
+        """Nothing to post: the virtual link delivers into a mailbox."""
+
     def recv_tensor(self, src: int) -> torch.Tensor:
         self._charge_compute()
         box = self.group.mailboxes.setdefault((src, self.rank), [])

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from astra.parallel.codecs import CodesCodec, FloatCodec
 from astra.parallel.placement import PlacementConfig, assign_tokens
-from astra.parallel.runtime import RankAttention, RankLayout
+from astra.parallel.runtime import RankAttention, RankLayout, resolve_exchange
 
 if TYPE_CHECKING:
     from astra.net.protocol import Comm
@@ -106,6 +106,9 @@ def install_rank_attention(
         block.attn = RankAttention(
             inner, codec, layout, comm, overlap=overlap, block=i, loss=loss, exchange=exchange
         )
+    if resolve_exchange(exchange, layout.causal) == "stream":
+        for j in layout.senders:  # the first block's codes find their receive already posted
+            comm.expect(j)
 
 
 def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayout) -> Tensor:
