@@ -24,7 +24,9 @@ def test_run_inference_single_sp_and_astra(tiny_llama_dir, tmp_path, monkeypatch
     assert astra["tokens_per_device"] == [32, 32]
     # kv point, G=1, K=1024: 2 codes x 10 bits per token per block, 2 blocks, 1 peer
     assert max(astra["bytes_sent_per_device"]) == 2 * ((32 * 20 + 7) // 8)
-    assert astra["kv_cache"]["remote_code_bytes"] == 2 * ((32 * 20) // 8)
+    # decoding rebuilds the 32 remote tokens once: 2 blocks x (k, v) x 32 x Dkv=32 floats
+    assert astra["kv_cache"]["remote_rebuilt_bytes"] == 2 * 2 * 32 * 32 * 4
+    assert astra["kv_cache"]["remote_code_bytes"] == 0
     for key in ("ttft_ms", "tpot_ms", "speedup_vs_single", "speedup_vs_sp_fp32"):
         assert astra[key] is not None and astra[key] > 0
     assert "completion" in astra and (tmp_path / "cb.safetensors").is_file()
@@ -215,5 +217,7 @@ def test_run_in_one_warm_group_of_processes(tiny_llama_dir, tmp_path, monkeypatc
     assert max(astra["bytes_sent_per_device"]) == 2 * ((32 * 20 + 7) // 8)
     # the record says which codebooks actually ran
     assert (astra["groups"], astra["codebook_size"], astra["quant_point"]) == (1, 1024, "kv")
-    assert astra["kv_cache"]["remote_code_bytes"] == 2 * ((32 * 20) // 8)
+    # decoding rebuilds the 32 remote tokens once: 2 blocks x (k, v) x 32 x Dkv=32 floats
+    assert astra["kv_cache"]["remote_rebuilt_bytes"] == 2 * 2 * 32 * 32 * 4
+    assert astra["kv_cache"]["remote_code_bytes"] == 0
     assert "remote_attention" in astra["breakdown_ms"]

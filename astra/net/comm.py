@@ -196,6 +196,18 @@ class Communicator:
         else:
             sent = num_bytes * num_peers
         send_s = self._reserve_uplink(sent)
+        if op == _OP_ALL_GATHER:
+            # N-1 unicasts into the receives every peer keeps posted (expect): what the link
+            # model charges, and on a real link one latency instead of gloo's ring of 2(N-1)
+            for dst in range(self.world_size):
+                if dst != self.rank:
+                    self._send_stream(payload, dst, op, send_s)
+            self.stats.add(
+                comm_ms=(time.perf_counter() - t_start) * 1e3,
+                num_messages=1,
+                bytes_sent=int(round(sent)),
+            )
+            return AllGatherHandle(self, None, None, None, payload, 0, op, self._seq, t_start)
         # One buffer per rank: header | payload padded to the agreed capacity. If this payload
         # does not fit, only the header is useful and wait() runs a second round.
         slot = _HEADER_BYTES + self._capacity
@@ -220,6 +232,19 @@ class Communicator:
     def _finish_all_gather(self, h: AllGatherHandle) -> list[torch.Tensor]:
         t_wait = time.perf_counter()
         op_name = _OP_NAMES[h._op]
+        if h._work is None:  # unicasts (all-gather of bytes)
+            payloads: list[torch.Tensor] = []
+            headers = []
+            for src in range(self.world_size):
+                if src == self.rank:
+                    payloads.append(h._payload)  # our own bytes never crossed a link
+                    headers.append([h._op, h._seq, h._payload.numel(), 0])
+                    continue
+                got, header = self._recv_stream(src, h._op)
+                payloads.append(got)
+                headers.append(header)
+            sizes = [p.numel() for p in payloads]
+            return self._charge_all_gather(h, headers, sizes, payloads, t_wait)
         self._wait_work(h._work, op_name)
         slot = _HEADER_BYTES + h._capacity
         out = h._out.view(self.world_size, slot)
@@ -252,7 +277,11 @@ class Communicator:
         # Next round's slot: this round's largest payload, so steady-state calls take one round
         # and a shrinking payload (prefill -> decode) stops paying for the old size right away.
         self._capacity = _round_up(largest, _ALIGN)
-        # Emulated link: sleep until the last peer's payload would have arrived.
+        return self._charge_all_gather(h, headers, sizes, payloads, t_wait)
+
+    def _charge_all_gather(self, h, headers, sizes, payloads, t_wait) -> list[torch.Tensor]:
+        """Sleep out the emulated link (until the last peer's payload would have arrived),
+        count the wait and the bytes, return the payloads."""
         emulated_s = 0.0
         if not self.link.is_ideal:
             arrival = max(
@@ -325,23 +354,9 @@ class Communicator:
         self._reap_sends(block=False)
         if x.dim() > _MAX_DIMS:
             raise ValueError(f"send_tensor supports up to {_MAX_DIMS} dims, got {x.dim()}")
-        box = self._mailbox
-        key = (self.rank, dst)
-        box.seq[key] = seq = box.seq.get(key, 0) + 1
         payload = as_bytes(x).to(self.device)
         send_s = self._reserve_uplink(payload.numel())
-        header = torch.zeros(_P2P_HEADER_WORDS, dtype=torch.int64)
-        header[:_HEADER_WORDS] = torch.tensor([_OP_P2P, seq, payload.numel(), int(send_s * 1e9)])
-        header[_HEADER_WORDS] = _DTYPES.index(x.dtype)
-        header[_HEADER_WORDS + 1] = x.dim()
-        header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + x.dim()] = torch.tensor(x.shape)
-        # header and payload in one stream cut into chunks that fit the receives the peer keeps
-        # posted: a message of up to 64 kB (ASTRA's codes) is one gloo send that leaves at once
-        stream = torch.cat([header.view(torch.uint8).to(payload.device), payload])
-        peer = dist.get_global_rank(self.group, dst)
-        for t in stream.split(_P2P_CHUNK):
-            work = self._call("send", lambda t=t: dist.isend(t, peer, group=self.group))
-            self._pending_sends.append((work, t, dst))  # t must live until sent
+        self._send_stream(payload, dst, _OP_P2P, send_s, x.dtype, tuple(x.shape))
         self.stats.add(
             comm_ms=(time.perf_counter() - t_start) * 1e3,
             num_messages=1,
@@ -370,25 +385,11 @@ class Communicator:
         """Receive the next tensor that group rank src sent with send_tensor."""
         t_start = time.perf_counter()
         self._reap_sends(block=False)
-        box = self._mailbox
-        key = (src, self.rank)
-        box.seq[key] = seq = box.seq.get(key, 0) + 1
-        first = self._next_chunk(src)
-        header = first[:_P2P_HEADER_BYTES].cpu().view(torch.int64)
-        op, got_seq, num_bytes, send_ns = (int(v) for v in header[:_HEADER_WORDS])
-        if op != _OP_P2P or got_seq != seq:
-            raise PeerFailure(
-                f"rank {self.rank}: recv #{seq} from rank {src} got "
-                f"{_OP_NAMES.get(op, op)} #{got_seq}; send/recv order differs"
-            )
-        dtype = _DTYPES[int(header[_HEADER_WORDS])]
-        ndim = int(header[_HEADER_WORDS + 1])
-        shape = [int(s) for s in header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + ndim]]
-        total = _P2P_HEADER_BYTES + num_bytes
-        chunks = [first[: min(total, _P2P_CHUNK)]]
-        for start in range(_P2P_CHUNK, total, _P2P_CHUNK):  # the rest of a large message
-            chunks.append(self._next_chunk(src)[: min(_P2P_CHUNK, total - start)])
-        payload = torch.cat(chunks)[_P2P_HEADER_BYTES:]  # (num_bytes,), a copy of the buffers
+        payload, header = self._recv_stream(src, _OP_P2P)
+        num_bytes, send_ns = header[2], header[3]
+        dtype = _DTYPES[header[_HEADER_WORDS]]
+        ndim = header[_HEADER_WORDS + 1]
+        shape = header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + ndim]
         emulated_s = 0.0
         if not self.link.is_ideal:
             emulated_s = max(
@@ -425,11 +426,57 @@ class Communicator:
             work = self._call("recv", lambda b=buffer: dist.irecv(b, peer, group=self.group))
             posted.append((work, buffer))
 
-    def _next_chunk(self, src: int) -> torch.Tensor:
+    def _send_stream(
+        self,
+        payload: torch.Tensor,
+        dst: int,
+        op: int,
+        send_s: float,
+        dtype: torch.dtype = torch.uint8,
+        shape: tuple = (),
+    ) -> None:
+        """Queue header | payload for dst as chunks that fit the receives dst keeps posted: a
+        message of up to 64 kB (ASTRA's codes) is one gloo send that leaves at once."""
+        box = self._mailbox
+        key = (self.rank, dst)
+        box.seq[key] = seq = box.seq.get(key, 0) + 1
+        header = torch.zeros(_P2P_HEADER_WORDS, dtype=torch.int64)
+        header[:_HEADER_WORDS] = torch.tensor([op, seq, payload.numel(), int(send_s * 1e9)])
+        header[_HEADER_WORDS] = _DTYPES.index(dtype)
+        header[_HEADER_WORDS + 1] = len(shape)
+        header[_HEADER_WORDS + 2 : _HEADER_WORDS + 2 + len(shape)] = torch.tensor(shape)
+        stream = torch.cat([header.view(torch.uint8).to(payload.device), payload])
+        peer = dist.get_global_rank(self.group, dst)
+        for t in stream.split(_P2P_CHUNK):
+            work = self._call("send", lambda t=t: dist.isend(t, peer, group=self.group))
+            self._pending_sends.append((work, t, dst))  # t must live until sent
+
+    def _recv_stream(self, src: int, op: int) -> tuple[torch.Tensor, list[int]]:
+        """The next message from src: (payload bytes, its header as ints), checked against the
+        expected op and this pair's sequence number."""
+        box = self._mailbox
+        key = (src, self.rank)
+        box.seq[key] = seq = box.seq.get(key, 0) + 1
+        first = self._next_chunk(src, op)
+        header = first[:_P2P_HEADER_BYTES].cpu().view(torch.int64).tolist()
+        got_op, got_seq, num_bytes = header[0], header[1], header[2]
+        if got_op != op or got_seq != seq:
+            raise PeerFailure(
+                f"rank {self.rank}: {_OP_NAMES[op]} #{seq} from rank {src} got "
+                f"{_OP_NAMES.get(got_op, got_op)} #{got_seq}; ranks must issue communicator "
+                "calls in the same order"
+            )
+        total = _P2P_HEADER_BYTES + num_bytes
+        chunks = [first[: min(total, _P2P_CHUNK)]]
+        for start in range(_P2P_CHUNK, total, _P2P_CHUNK):  # the rest of a large message
+            chunks.append(self._next_chunk(src, op)[: min(_P2P_CHUNK, total - start)])
+        return torch.cat(chunks)[_P2P_HEADER_BYTES:], header  # (num_bytes,), a copy
+
+    def _next_chunk(self, src: int, op: int) -> torch.Tensor:
         """The next chunk from src (its posted buffer; only the sent prefix is meaningful)."""
         self.expect(src)
         work, buffer = self._mailbox.posted[(src, self.rank)].popleft()
-        self._wait_work(work, f"recv from rank {src}")
+        self._wait_work(work, f"{_OP_NAMES[op]} from rank {src}")
         self.expect(src)  # top the window up at once: the sender never waits for a notice
         return buffer
 
