@@ -94,9 +94,9 @@ def _gone(sid: int, within_s: float = 10.0) -> dict:
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_no_leftovers(slow_run):
-    run = slow_run()
+    run = slow_run("--latency", "3s")  # every message 3 s: still running when interrupted
     _wait_for_workers(run.pid, 2)
-    time.sleep(2.0)  # inside the run: warm-up or the request
+    time.sleep(1.0)  # inside the run: warm-up or the request
     os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole job
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
