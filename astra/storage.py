@@ -16,6 +16,7 @@ Two rules, from the tools users trust most (safetensors, torch's own `weights_on
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -60,7 +61,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once: reading it means setting it, which is not thread-safe."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
