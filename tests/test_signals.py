@@ -106,11 +106,16 @@ def test_ctrl_c_exits_130_with_one_line_and_no_leftovers(slow_run):
 
 @pytest.mark.slow
 def test_a_frozen_device_is_named_within_the_peer_timeout(slow_run):
-    run = slow_run("--peer-timeout", "4")
+    # every message takes 2 s, so the prefill (the only step that needs device 1: decoding
+    # runs on device 0 alone) is still ahead or under way when device 1 is stopped
+    run = slow_run("--peer-timeout", "4", "--latency", "2s")
     frozen = _wait_for_workers(run.pid, 2)[-1]
     time.sleep(1.0)
     t0 = time.monotonic()
-    os.kill(frozen, signal.SIGSTOP)
+    try:
+        os.kill(frozen, signal.SIGSTOP)
+    except ProcessLookupError:
+        pytest.fail(f"the run ended before device 1 could be stopped: {run.communicate()}")
     _, err = run.communicate(timeout=120)
     elapsed = time.monotonic() - t0
     assert run.returncode == 2, err
