@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from astra.group.config import QuantConfig
 from astra.hub import resolve_model
 from astra.methods import METHODS, SEQUENCE_PARALLEL_METHODS
-from astra.models import load_model, model_family, model_kind
+from astra.models import load_model, model_family, model_kind, model_spec
 from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
@@ -219,7 +219,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
     artefact = None
     class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
     astra_config = AstraConfig(
-        quant_point=config.quant_point or ("kv" if family == "llama" else "hidden"),
+        quant_point=config.quant_point or model_spec(model_dir).quant_point,
         num_groups=config.groups,
         codebook_size=config.codebook_size,
         class_tokens=class_tokens,

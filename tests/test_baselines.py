@@ -15,8 +15,8 @@ import torch
 
 from astra.models.attention import causal_mask
 from astra.models.bert import Bert, BertConfig
+from astra.models.decoder import Decoder, DecoderConfig
 from astra.models.gpt2 import GPT2, GPT2Config
-from astra.models.llama import Llama, LlamaConfig
 from astra.models.vit import ViT, ViTConfig
 from astra.net.link import LinkConfig
 from astra.net.lockstep import run_lockstep, share_weights_copy
@@ -39,8 +39,9 @@ def _randomise(model):
 
 def tiny_llama():  # GQA: 4 query heads share 2 kv heads
     torch.manual_seed(0)
-    return _randomise(Llama(LlamaConfig(vocab_size=97, dim=32, num_layers=NUM_LAYERS, num_heads=4,
-                                        num_kv_heads=2, head_dim=8, mlp_dim=64)))
+    config = DecoderConfig(vocab_size=97, dim=32, num_layers=NUM_LAYERS, num_heads=4,
+                           num_kv_heads=2, head_dim=8, mlp_dim=64)
+    return _randomise(Decoder(config))
 
 
 def tiny_vit():  # DINOv2-style, with layer scale

@@ -81,7 +81,7 @@ def test_vit_parity(tmp_path):
 def test_dinov2_parity(tmp_path):
     hf = build(transformers.Dinov2Model, tiny_dinov2(), tmp_path)
     ours = load_model(tmp_path)
-    assert model_family(tmp_path) == "dinov2"
+    assert model_family(tmp_path) == "vit"
     x = torch.randn(2, 3, 56, 56)
     out = ours(x)
     assert out.shape == (2, 1 + 16, 64)
@@ -265,12 +265,12 @@ def test_blocks_accept_positions_and_mask(tmp_path):
 
 
 def test_unsupported_rope_type_is_named():
-    from astra.models import Llama, LlamaConfig
+    from astra.models import UnsupportedModelError, spec_for
 
     d = tiny_llama("gqa_tied").to_dict()
     d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
-    with pytest.raises(NotImplementedError, match="'yarn'"):
-        Llama(LlamaConfig.from_hf(d))
+    with pytest.raises(UnsupportedModelError, match="'yarn'.*default, linear, llama3"):
+        spec_for(d).config_from_hf(d)
 
 
 def test_load_errors(tmp_path):

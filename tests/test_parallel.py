@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from astra.models.llama import Llama, LlamaConfig
+from astra.models.decoder import Decoder, DecoderConfig
 from astra.models.vit import ViT, ViTConfig
 from astra.net.link import LinkConfig
 from astra.net.lockstep import run_lockstep, share_weights_copy
@@ -33,9 +33,9 @@ ATOL_EXACT = 1e-5
 ATOL_RUNTIME = 1e-4
 
 
-def tiny_llama(seed: int = 0, num_layers: int = 2) -> Llama:
+def tiny_llama(seed: int = 0, num_layers: int = 2) -> Decoder:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = DecoderConfig(
         vocab_size=97,
         dim=48,
         num_layers=num_layers,
@@ -45,7 +45,7 @@ def tiny_llama(seed: int = 0, num_layers: int = 2) -> Llama:
         mlp_dim=96,
         tie_word_embeddings=True,
     )
-    model = Llama(cfg).eval()
+    model = Decoder(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)

@@ -8,10 +8,10 @@ from astra.models.attention import (
     padding_mask,
 )
 from astra.models.bert import Bert, BertConfig, mean_pool
+from astra.models.decoder import Decoder, DecoderConfig
+from astra.models.families import SPECS, UnsupportedModelError, spec_for
 from astra.models.gpt2 import GPT2, GPT2Config
-from astra.models.llama import Llama, LlamaConfig
 from astra.models.loading import (
-    FAMILIES,
     context_length,
     convert_state_dict,
     image_transform,
@@ -19,6 +19,7 @@ from astra.models.loading import (
     load_tokenizer,
     model_family,
     model_kind,
+    model_spec,
     num_input_tokens,
     read_config,
     read_state_dict,
@@ -26,16 +27,17 @@ from astra.models.loading import (
 from astra.models.vit import ViT, ViTConfig
 
 __all__ = [
-    "FAMILIES",
     "GPT2",
+    "SPECS",
     "Attention",
     "Bert",
     "BertConfig",
     "GPT2Config",
+    "Decoder",
+    "DecoderConfig",
     "KVCache",
-    "Llama",
-    "LlamaConfig",
     "RotaryEmbedding",
+    "UnsupportedModelError",
     "ViT",
     "ViTConfig",
     "causal_mask",
@@ -47,8 +49,10 @@ __all__ = [
     "mean_pool",
     "model_family",
     "model_kind",
+    "model_spec",
     "num_input_tokens",
     "padding_mask",
     "read_config",
     "read_state_dict",
+    "spec_for",
 ]

@@ -14,12 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def causal_mask(q_positions: Tensor, k_positions: Tensor) -> Tensor:
-    """Boolean (Tq, Tk) mask, True = may attend: a query sees keys at its position or before.
+def causal_mask(q_positions: Tensor, k_positions: Tensor, window: int | None = None) -> Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend: a query sees keys at its position or before,
+    and with a sliding `window` only the `window` latest of them (itself included), as
+    transformers' sliding-window layers do (Mistral, Gemma 2/3, Phi-3).
 
     Built from absolute positions so a device holding any subset of tokens gets the right mask.
     """
-    return q_positions[:, None] >= k_positions[None, :]  # (Tq, Tk)
+    delta = q_positions[:, None] - k_positions[None, :]  # (Tq, Tk)
+    return (delta >= 0) if window is None else (delta >= 0) & (delta < window)
+
+
+def window_mask(q_positions: Tensor, k_positions: Tensor, window: int) -> Tensor:
+    """True where a key is not older than the sliding window: q - k < window. Positions (T,)
+    give (Tq, Tk); per-row positions (B, T) give (B, 1, Tq, Tk)."""
+    if q_positions.dim() == 2:
+        return (q_positions[:, None, :, None] - k_positions[..., None, None, :]) < window
+    return (q_positions[:, None] - k_positions[None, :]) < window  # (Tq, Tk)
 
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
@@ -43,6 +54,9 @@ def llama3_inv_freq(inv_freq: Tensor, params: dict) -> Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE in the HF/Llama "rotate half" layout (first half of head_dim pairs with second)."""
 
@@ -52,9 +66,11 @@ class RotaryEmbedding(nn.Module):
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "llama3":
             inv_freq = llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+            inv_freq = inv_freq / float(scaling["factor"])
         elif rope_type != "default":
             raise NotImplementedError(
-                f"RoPE type {rope_type!r} is not supported; supported: 'default', 'llama3'"
+                f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
             )
         # not persistent: derived from the config, and HF checkpoints do not carry it
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2,)
@@ -112,7 +128,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head (optionally grouped-query) self-attention with separate q/k/v/o projections."""
+    """Multi-head (optionally grouped-query) self-attention with separate q/k/v/o projections.
+
+    Family features, all optional: `q_norm`/`k_norm` (per-head norms applied in `project`, so
+    the "kv" quantization point codes the normed keys, before RoPE: Gemma 3), `scale` (score
+    scale when not head_dim**-0.5: Gemma's query_pre_attn_scalar), `softcap` (scores become
+    softcap * tanh(scores / softcap): Gemma 2) and `window` (sliding-window attention: a query
+    sees its `window` latest keys; every path that builds masks from positions asks for it).
+    """
 
     def __init__(
         self,
@@ -124,8 +147,15 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         out_bias: bool = True,
         rope: RotaryEmbedding | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
     ):
         super().__init__()
+        if window is not None and window < 1:
+            raise ValueError(f"sliding window must be at least 1 token, got {window}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or dim // num_heads
@@ -136,6 +166,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
         self.rope = rope
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        # a scale other than SDPA's head_dim**-0.5 is folded into q (exact up to rounding), so
+        # every attention kernel of every path applies it without knowing
+        default = self.head_dim**-0.5
+        self.q_factor = None if scale is None or math.isclose(scale, default) else scale / default
+        self.softcap = softcap
+        self.window = window
 
     def _split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -144,19 +182,39 @@ class Attention(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # x: (B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd); no RoPE yet
         k, v = self.project_kv(x)
-        return self._split_heads(self.q_proj(x)), k, v
+        q = self._split_heads(self.q_proj(x))
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.q_factor is not None:
+            q = q * self.q_factor
+        return q, k, v
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+        k = self._split_heads(self.k_proj(x))
+        if self.k_norm is not None:
+            k = self.k_norm(k)  # before RoPE and before the "kv" quantization point
+        return k, self._split_heads(self.v_proj(x))
+
+    def visible(self, q_positions: Tensor, k_positions: Tensor, causal: bool = True) -> Tensor:
+        """(Tq, Tk) True = may attend, by absolute positions: causal (decoders) and this
+        layer's sliding window."""
+        if causal:
+            return causal_mask(q_positions, k_positions, self.window)
+        if self.window is not None:
+            raise ValueError("a sliding window needs causal attention")
+        return torch.ones(len(q_positions), len(k_positions), dtype=torch.bool)
 
     def rotate(self, t: Tensor, positions: Tensor | None) -> Tensor:
         return t if self.rope is None else self.rope(t, positions)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         # q: (B, H, Tq, hd), k/v: (B, Hkv, Tk, hd), mask: bool broadcastable to (B, 1, Tq, Tk)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, Tq, hd)
+        if self.softcap is not None:
+            y = softcapped_attention(q, k, v, mask, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+            )  # (B, H, Tq, hd)
         B, H, Tq, hd = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, H * hd))  # (B, Tq, D)
 
@@ -167,4 +225,37 @@ class Attention(nn.Module):
         q, k = self.rotate(q, positions), self.rotate(k, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, T_past + T, hd)
+        if self.window is not None:
+            # every caller that keeps a cache fills it from position 0 onwards (single device,
+            # pipeline stages, decoding), so the cached keys sit at 0..T_past+T-1
+            k_positions = positions if cache is None else torch.arange(k.shape[2])
+            near = window_mask(positions, k_positions.to(positions.device), self.window)
+            mask = near if mask is None else mask & near
         return self.attend(q, k, v, mask)
+
+
+def softcapped_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softcap: float
+) -> Tensor:
+    """Attention with Gemma 2's capped scores, softcap * tanh(s / softcap), in float32 as
+    transformers computes them; q (B,H,Tq,hd), k/v (B,Hkv,Tk,hd) -> (B,H,Tq,hd)."""
+    out, _ = softcapped_attention_lse(q, k, v, mask, softcap)
+    return out
+
+
+def softcapped_attention_lse(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, softcap: float
+) -> tuple[Tensor, Tensor]:
+    """softcapped_attention plus each query's log-sum-exp (B,H,Tq) in float32, -inf (and
+    output 0) where a query sees no key, so partial results merge exactly."""
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv != h:  # grouped-query attention: share each kv head across h/Hkv query heads
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B,H,Tq,Tk)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq)
+    weights = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    return (weights @ v.float()).to(q.dtype), lse

@@ -17,82 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from astra.models.bert import Bert, BertConfig
-from astra.models.gpt2 import GPT2, GPT2Config
-from astra.models.llama import Llama, LlamaConfig
-from astra.models.vit import ViT, ViTConfig
-
-# model_type -> (config class, model class)
-FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
-    "vit": (ViTConfig, ViT),
-    "dinov2": (ViTConfig, ViT),
-    "bert": (BertConfig, Bert),
-    "gpt2": (GPT2Config, GPT2),
-    "llama": (LlamaConfig, Llama),
-}
+from astra.models.families import spec_for
+from astra.models.spec import FamilySpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_L = r"encoder\.layer\.(\d+)\."  # HF encoder layer prefix (ViT, DINOv2, BERT)
-_VIT_RULES = [
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.\1"),
-    (_L + r"attention\.attention\.query\.(weight|bias)", r"blocks.\1.attn.q_proj.\2"),
-    (_L + r"attention\.attention\.key\.(weight|bias)", r"blocks.\1.attn.k_proj.\2"),
-    (_L + r"attention\.attention\.value\.(weight|bias)", r"blocks.\1.attn.v_proj.\2"),
-    (_L + r"attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.o_proj.\2"),
-    # transformers >= 5 in-memory names, in case a checkpoint was written without conversion
-    (_L + r"attention\.([qkvo]_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (_L + r"(?:layernorm_before|norm1)\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (_L + r"(?:layernorm_after|norm2)\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (_L + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (_L + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (_L + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.lambda1"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
-]
-_BERT_RULES = [
-    (r"embeddings\.word_embeddings\.weight", "word_embed.weight"),
-    (r"embeddings\.position_embeddings\.weight", "pos_embed.weight"),
-    (r"embeddings\.token_type_embeddings\.weight", "type_embed.weight"),
-    (r"embeddings\.LayerNorm\.(weight|bias)", r"embed_norm.\1"),
-    (_L + r"attention\.self\.query\.(weight|bias)", r"blocks.\1.attn.q_proj.\2"),
-    (_L + r"attention\.self\.key\.(weight|bias)", r"blocks.\1.attn.k_proj.\2"),
-    (_L + r"attention\.self\.value\.(weight|bias)", r"blocks.\1.attn.v_proj.\2"),
-    (_L + r"attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.o_proj.\2"),
-    (_L + r"attention\.output\.LayerNorm\.(weight|bias)", r"blocks.\1.ln1.\2"),
-    (_L + r"intermediate\.dense\.(weight|bias)", r"blocks.\1.fc1.\2"),
-    (_L + r"output\.dense\.(weight|bias)", r"blocks.\1.fc2.\2"),
-    (_L + r"output\.LayerNorm\.(weight|bias)", r"blocks.\1.ln2.\2"),
-]
-_GPT2_RULES = [
-    (r"(wte|wpe)\.weight", r"\1.weight"),
-    (r"ln_f\.(weight|bias)", r"ln_f.\1"),
-    (r"h\.(\d+)\.(ln_1|ln_2)\.(weight|bias)", r"blocks.\1.\2.\3"),
-    (r"h\.(\d+)\.attn\.c_attn\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),  # split below
-    (r"h\.(\d+)\.attn\.c_proj\.(weight|bias)", r"blocks.\1.attn.o_proj.\2"),
-    (r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.fc.\2"),
-    (r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.proj.\2"),
-]
-_LLAMA_RULES = [
-    (r"embed_tokens\.weight", "embed_tokens.weight"),
-    (r"norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.mlp\.((?:gate|up|down)_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-    (r"layers\.(\d+)\.input_layernorm\.weight", r"blocks.\1.attn_norm.weight"),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", r"blocks.\1.mlp_norm.weight"),
-]
-# family -> (base-model prefixes, rename rules, names we deliberately drop)
-_NAME_MAPS: dict[str, tuple[tuple[str, ...], list, list[str]]] = {
-    "vit": (("vit.",), _VIT_RULES, [r"pooler\..*", r"embeddings\.mask_token", r"classifier\..*"]),
-    "dinov2": (("dinov2.",), _VIT_RULES, [r"embeddings\.mask_token", r"classifier\..*"]),
-    "bert": (("bert.",), _BERT_RULES, [r"pooler\..*", r"embeddings\.position_ids", r"cls\..*"]),
-    # attn.bias / masked_bias are causal-mask buffers in old GPT-2 files; lm_head is tied
-    "gpt2": (("transformer.",), _GPT2_RULES, [r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]),
-    "llama": (("model.",), _LLAMA_RULES, [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]),
-}
 
 
 def read_config(path_or_config: str | Path | dict) -> dict:
@@ -106,20 +35,20 @@ def read_config(path_or_config: str | Path | dict) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def model_spec(path_or_config: str | Path | dict) -> FamilySpec:
+    """The family spec that reads this checkpoint (an error names what is supported)."""
+    return spec_for(read_config(path_or_config))
+
+
 def model_family(path_or_config: str | Path | dict) -> str:
-    """The checkpoint's model_type, checked against the families we implement."""
-    model_type = read_config(path_or_config).get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return model_type
+    """The checkpoint's family name (astra.models.families), checked against what we run."""
+    return model_spec(path_or_config).name
 
 
 def model_kind(path_or_config: str | Path | dict) -> str:
     """What the checkpoint does with an input: "decoder" (continues text), "text-encoder"
     (embeds text) or "image-encoder" (features of an image); from the model class itself."""
-    model_cls = FAMILIES[model_family(path_or_config)][1]
+    model_cls = model_spec(path_or_config).model_cls
     if model_cls.causal:
         return "decoder"
     return f"{model_cls.modality}-encoder"
@@ -128,8 +57,10 @@ def model_kind(path_or_config: str | Path | dict) -> str:
 def context_length(path_or_config: str | Path | dict) -> int | None:
     """The most positions the checkpoint was trained for (None: not a token sequence model)."""
     config = read_config(path_or_config)
+    if model_spec(config).model_cls.modality != "text":
+        return None
     for key in ("max_position_embeddings", "n_positions"):
-        if key in config and FAMILIES[model_family(config)][1].modality == "text":
+        if key in config:
             return int(config[key])
     return None
 
@@ -162,42 +93,29 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     )
 
 
-def _split_gpt2(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """HF GPT-2 uses Conv1D (weight stored (in, out)): transpose to nn.Linear's (out, in) and
-    split the fused c_attn into q/k/v."""
-    out = {}
-    for name, t in sd.items():
-        if name.startswith("blocks.") and name.endswith(".weight") and t.dim() == 2:
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        if ".attn.qkv." in name:
-            stem, kind = name.rsplit(".attn.qkv.", 1)
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0), strict=True):
-                out[f"{stem}.attn.{proj}.{kind}"] = part.contiguous()  # (D, D) or (D,)
-        else:
-            out[name] = t.contiguous()
-    return out
-
-
-def convert_state_dict(sd: dict[str, Tensor], family: str) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename HF parameters to ours; returns (converted, names that matched no rule)."""
-    prefixes, rules, ignored = _NAME_MAPS[family]
+def convert_state_dict(
+    sd: dict[str, Tensor], spec: FamilySpec, config=None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename HF parameters to ours by the spec's weight map; returns (converted, names that
+    matched no rule). `config` (our model config) is what a fused tensor is split by."""
+    weights = spec.weights
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for hf_name, t in sd.items():
         name = hf_name
-        for prefix in prefixes:
+        for prefix in weights.prefixes:
             name = name.removeprefix(prefix)
-        if any(re.fullmatch(pat, name) for pat in ignored):
+        if any(re.fullmatch(pat, name) for pat in weights.ignored):
             continue
-        for pat, rep in rules:
+        for pat, rep in weights.rules:
             new, n = re.subn(f"^{pat}$", rep, name)
             if n:
                 out[new] = t
                 break
         else:
             unknown.append(hf_name)
-    if family == "gpt2":
-        out = _split_gpt2(out)
+    if weights.convert is not None:
+        out = weights.convert(out, config)
     return out, unknown
 
 
@@ -210,9 +128,9 @@ def _names(names, limit: int = 5) -> str:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build our model from a local HF-format directory and load its weights (eval mode)."""
     config = read_config(path)
-    family = model_family(config)
-    config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls.from_hf(config)
+    spec = model_spec(config)
+    model_cls = spec.model_cls
+    cfg = spec.config_from_hf(config)
     # build with `dtype` as default so parameters are created in it while buffers that ask for
     # fp32 explicitly (RoPE inv_freq) stay fp32, as HF does
     previous = torch.get_default_dtype()
@@ -222,9 +140,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     finally:
         torch.set_default_dtype(previous)
 
-    sd, unknown = convert_state_dict(read_state_dict(path), family)
+    sd, unknown = convert_state_dict(read_state_dict(path), spec, cfg)
     expected = model.state_dict()
-    tied_to = {"gpt2": "wte.weight", "llama": "embed_tokens.weight"}.get(family)
+    tied_to = spec.tied_to
     if tied_to and model.lm_head.weight is model.get_parameter(tied_to):
         # a tied head shares the embedding, whatever (if anything) the file stores for it
         sd.pop("lm_head.weight", None)
@@ -234,7 +152,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     missing = [k for k in expected if k not in sd]
     if unexpected or missing:
         raise ValueError(
-            f"weights in {str(path)!r} do not fit {model_cls.__name__} ({family}): "
+            f"weights in {str(path)!r} do not fit {model_cls.__name__} ({spec.name}): "
             f"missing {len(missing)} [{_names(missing)}], "
             f"unexpected {len(unexpected)} [{_names(unexpected)}]"
         )
