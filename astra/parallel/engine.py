@@ -58,13 +58,14 @@ def build_sequence_layout(
 def build_rank_layout(seq: SequenceLayout, rank: int, world_size: int, causal: bool) -> RankLayout:
     local_index = torch.nonzero(seq.device_of_token == rank).flatten()
     send_local = torch.nonzero(seq.sendable[local_index]).flatten()
-    send_positions, send_counts, last_positions = [], [], []
+    send_positions, send_counts, last_positions, held_positions = [], [], [], []
     for j in range(world_size):
         held = seq.device_of_token == j
         sent = held & seq.sendable
         send_positions.append(seq.positions[sent])
         send_counts.append(int(sent.sum()))
         last_positions.append(int(seq.positions[held].max()) if held.any() else -1)
+        held_positions.append(seq.positions[held].sort().values)
     return RankLayout(
         rank=rank,
         world_size=world_size,
@@ -75,6 +76,7 @@ def build_rank_layout(seq: SequenceLayout, rank: int, world_size: int, causal: b
         send_positions=send_positions,
         causal=causal,
         last_positions=last_positions,
+        held_positions=held_positions,
     )
 
 
@@ -107,7 +109,7 @@ def install_rank_attention(
             inner, codec, layout, comm, overlap=overlap, block=i, loss=loss, exchange=exchange
         )
     if resolve_exchange(exchange, layout.causal) == "stream":
-        for j in layout.senders:  # the first block's codes find their receive already posted
+        for j in model.blocks[0].attn.senders:  # the first block's codes find their receive posted
             comm.expect(j)
 
 

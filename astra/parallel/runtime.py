@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from astra.models.attention import Attention, KVCache, causal_mask
+from astra.models.attention import Attention, KVCache, causal_mask, softcapped_attention_lse
 from astra.parallel.codecs import CodesCodec
 
 if TYPE_CHECKING:
@@ -58,29 +58,46 @@ class RankLayout:
     send_positions: list[Tensor]  # absolute positions of the tokens each rank sends, per rank
     causal: bool
     last_positions: list[int]  # latest position each rank holds (-1: none)
+    held_positions: list[Tensor] | None = None  # (T_j,) positions each rank holds, sorted
 
     @property
     def remote_positions(self) -> Tensor:
         parts = [p for j, p in enumerate(self.send_positions) if j != self.rank]
         return torch.cat(parts) if parts else self.local_positions.new_zeros(0)
 
-    def sees(self, receiver: int, sender: int) -> bool:
-        """Whether some query on `receiver` may attend to a token that `sender` sends."""
+    def sees(self, receiver: int, sender: int, window: int | None = None) -> bool:
+        """Whether some query on `receiver` may attend to a token that `sender` sends; with a
+        sliding `window`, only keys at most window-1 positions older count."""
         if receiver == sender or self.send_counts[sender] == 0:
             return False
         if not self.causal:
             return True
-        return int(self.send_positions[sender].min()) <= self.last_positions[receiver]
+        sent = self.send_positions[sender]
+        if window is None or self.held_positions is None:
+            return int(sent.min()) <= self.last_positions[receiver]
+        queries = self.held_positions[receiver]  # sorted
+        keys = sent.sort().values
+        # for each query, the latest key at or before it: visible if inside the window
+        latest = torch.searchsorted(keys, queries, right=True) - 1  # (T_receiver,)
+        ok = latest >= 0
+        return bool((queries[ok] - keys[latest[ok]] < window).any())
+
+    def senders_within(self, window: int | None = None) -> list[int]:
+        """Ranks whose codes this rank needs (causal: only ranks holding earlier tokens, and
+        with a sliding window only those whose tokens some window here reaches)."""
+        return [j for j in range(self.world_size) if self.sees(self.rank, j, window)]
+
+    def consumers_within(self, window: int | None = None) -> list[int]:
+        """Ranks that need this rank's codes (the mirror of senders_within)."""
+        return [j for j in range(self.world_size) if self.sees(j, self.rank, window)]
 
     @property
     def senders(self) -> list[int]:
-        """Ranks whose codes this rank needs (causal: only ranks holding earlier tokens)."""
-        return [j for j in range(self.world_size) if self.sees(self.rank, j)]
+        return self.senders_within(None)
 
     @property
     def consumers(self) -> list[int]:
-        """Ranks that need this rank's codes (causal: only ranks holding later tokens)."""
-        return [j for j in range(self.world_size) if self.sees(j, self.rank)]
+        return self.consumers_within(None)
 
 
 class RankAttention(nn.Module):
@@ -99,8 +116,13 @@ class RankAttention(nn.Module):
     ):
         super().__init__()
         self.exchange = resolve_exchange(exchange, layout.causal)
+        # a sliding-window layer needs codes only from ranks its windows reach (and sends its
+        # own only to ranks whose windows reach it): fewer bytes on every link
+        self.window = inner.window
+        self.senders = layout.senders_within(self.window)
+        self.consumers = layout.consumers_within(self.window)
         # streaming: the last rank's codes are needed by no one during prefill
-        self.sends = self.exchange == "all-gather" or bool(layout.consumers)
+        self.sends = self.exchange == "all-gather" or bool(self.consumers)
         self.inner = inner
         self.block = block  # index of this block: keys the loss decisions
         # PacketChannel: a lossy link, codes travel in packets and lost ones are not resent
@@ -141,10 +163,12 @@ class RankAttention(nn.Module):
         # 2. local, exact, overlapping the link
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         if self.overlap:
-            out_local, lse_local = attend_positions(q, k, v, positions, positions, lay.causal)
+            out_local, lse_local = attend_positions(
+                q, k, v, positions, positions, lay.causal, attn.window, attn.softcap
+            )
         lap("local_attention")
         # 3. remote, rebuilt from what arrived
-        senders = lay.senders
+        senders = self.senders
         if self.overlap and handle is None and not senders and self.capture is None:
             # the first device of a streamed prefill: nothing arrives, local attention is all
             b, h, n, hd = out_local.shape
@@ -161,12 +185,12 @@ class RankAttention(nn.Module):
         if not self.overlap:
             mask_all = None  # the paper's serial runtime: one dense masked attention
             if lay.causal:
-                mask_all = causal_mask(positions, torch.cat([positions, remote_pos]))
+                mask_all = causal_mask(positions, torch.cat([positions, remote_pos]), attn.window)
             y = attn.attend(q, torch.cat([k, k_hat], 2), torch.cat([v, v_hat], 2), mask_all)
             lap("remote_attention")
             return y
         out_remote, lse_remote = attend_positions(
-            q, k_hat, v_hat, positions, remote_pos, lay.causal
+            q, k_hat, v_hat, positions, remote_pos, lay.causal, attn.window, attn.softcap
         )
         merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
         b, h, n, hd = merged.shape
@@ -186,7 +210,7 @@ class RankAttention(nn.Module):
     def _start_exchange(self, payload: Tensor | None):
         if self.exchange == "all-gather":
             return self.comm.start_all_gather_bytes(payload)
-        for j in self.layout.consumers:  # queued, never blocks: the rank runs on
+        for j in self.consumers:  # queued, never blocks: the rank runs on
             self.comm.send_tensor(payload, j)
         return None
 
@@ -284,7 +308,9 @@ class DecodeAttention(nn.Module):
         k_local, v_local = captured["k"], captured["v"]  # (1, Hkv, T_local, hd), k rotated
         lay = self.layout
         # every rank's tokens precede the last one, so the decode device has received them all
-        self.senders = [j for j in lay.senders if captured["payloads"][j] is not None]
+        self.senders = [
+            j for j in rank_attention.senders if captured["payloads"][j] is not None
+        ]
         # what is kept per remote token: its codes (unpacked once, every sender's in one
         # tensor, so one rebuild per step), not its keys and values; what was lost in the
         # prefill stays lost (and was counted there)
@@ -298,6 +324,11 @@ class DecodeAttention(nn.Module):
             self.cache.update(k_hat, v_hat)
             self.rebuilt_tokens, self.remote = k_hat.shape[2], None
         self.cache.update(k_local, v_local)
+        # a sliding-window layer masks by position: every cached key's, in cache order
+        self.key_positions: Tensor | None = None
+        if self.inner.window is not None:
+            front = self.remote_positions if self.rebuilt_tokens else self.remote_positions[:0]
+            self.key_positions = torch.cat([front, lay.local_positions])
 
     def _rebuild(self) -> tuple[Tensor, Tensor]:
         """The remote (k rotated, v) (1, Hkv, T_remote, hd) from the kept codes (non-empty)."""
@@ -324,12 +355,18 @@ class DecodeAttention(nn.Module):
         q, k, v = attn.project(x)  # (1, H, 1, hd), (1, Hkv, 1, hd)
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         k_all, v_all = self.cache.update(k, v)  # in place, no copy of the cache
+        mask = None  # every cached token precedes the new one
+        if self.key_positions is not None:  # ... but a sliding window sees only the latest
+            self.key_positions = torch.cat([self.key_positions, positions.reshape(-1)])
+            key_positions = self.key_positions
+            if self.remote is not None:
+                key_positions = torch.cat([self.remote_positions, key_positions])
+            mask = causal_mask(positions.reshape(-1), key_positions, attn.window)  # (1, Tk)
         if self.remote is not None:  # codes kept: rebuild every step
             k_hat, v_hat = self._rebuild()
             k_all = torch.cat([k_hat, k_all], dim=2)
             v_all = torch.cat([v_hat, v_all], dim=2)
-        # every cached token precedes the new one: no mask
-        return attn.attend(q, k_all, v_all, None)
+        return attn.attend(q, k_all, v_all, mask)
 
 
 class CausalKernelAttention(nn.Module):
@@ -343,6 +380,8 @@ class CausalKernelAttention(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
         attn = self.inner
+        if attn.window is not None or attn.softcap is not None:  # no such kernel: the mask
+            return attn(x, positions, causal_mask(positions, positions), cache)
         q, k, v = attn.project(x)
         q, k = attn.rotate(q, positions), attn.rotate(k, positions)
         if cache is not None:
@@ -397,7 +436,14 @@ def position_runs(positions: Tensor) -> list[tuple[int, int, int, int]]:
 
 
 def attend_positions(
-    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, causal: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    causal: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention (with log-sum-exp) of queries at q_pos to keys at k_pos.
 
@@ -405,10 +451,12 @@ def attend_positions(
     run are skipped, wholly before it attended without a mask, the same run attended causally
     (`_attend_causal_square`: about 3/4 of the dense work), and only interleaved runs need an
     explicit mask. This is what lets a device holding the latest tokens, or zigzag chunks, do
-    its share of the causal attention instead of a dense masked square.
+    its share of the causal attention instead of a dense masked square. A sliding `window`
+    also skips key runs wholly older than every query's window; `softcap`: Gemma 2's capped
+    scores (astra.models.attention.softcapped_attention_lse).
     """
     if not causal:
-        return _attend_lse(q, k, v, None)
+        return _attend_lse(q, k, v, None, softcap=softcap)
     pieces, pieces_lse = [], []
     k_runs = position_runs(k_pos)
     for qa, qb, q_first, q_last in position_runs(q_pos):
@@ -417,13 +465,18 @@ def attend_positions(
         for ka, kb, k_first, k_last in k_runs:
             if k_first > q_last:
                 continue  # entirely in this run's future
+            if window is not None and q_first - k_last >= window:
+                continue  # entirely older than every query's window
             kk, vv = k[:, :, ka:kb], v[:, :, ka:kb]
-            if k_last < q_first:
-                part = _attend_lse(qq, kk, vv, None)
-            elif (k_first, k_last) == (q_first, q_last):
+            inside = window is None or q_last - k_first < window  # no key leaves a window
+            if k_last < q_first and inside:
+                part = _attend_lse(qq, kk, vv, None, softcap=softcap)
+            elif (k_first, k_last) == (q_first, q_last) and inside and softcap is None:
                 part = _attend_causal_square(qq, kk, vv)
             else:
-                part = _attend_lse(qq, kk, vv, causal_mask(q_pos[qa:qb], k_pos[ka:kb]))
+                part = _attend_lse(
+                    qq, kk, vv, causal_mask(q_pos[qa:qb], k_pos[ka:kb], window), softcap=softcap
+                )
             out, lse = part if out is None else _merge_with_lse(out, lse, *part)
         if out is None:  # no visible key at all
             out, lse = _no_keys(qq)
@@ -472,7 +525,12 @@ def _no_keys(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _attend_lse(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query's scores.
 
@@ -482,6 +540,10 @@ def _attend_lse(
     b, h, tq, hd = q.shape
     if k.shape[2] == 0 or tq == 0:  # (the CPU flash kernel dies on zero query rows)
         return _no_keys(q)
+    if softcap is not None:  # no fused kernel caps scores
+        if is_causal:
+            mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()
+        return softcapped_attention_lse(q, k, v, mask, softcap)
     hkv = k.shape[1]
     if hkv != h and mask is None and not is_causal and q.device.type == "cpu":
         # grouped-query attention without a mask: the h/Hkv query heads of one kv head are

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from astra.models.attention import Attention, causal_mask
+from astra.models.attention import Attention, causal_mask, window_mask
 from astra.net.packets import PacketChannel
 from astra.parallel.config import AstraConfig, check_codebook_memory
 from astra.parallel.placement import PlacementConfig, assign_tokens
@@ -75,6 +75,9 @@ class MixedPrecisionAttention(nn.Module):
         k = self.inner.rotate(k, positions)
         k_hat = self.inner.rotate(k_hat, positions)  # remote keys rotate to the sender's positions
         mp_mask = mixed_precision_mask(layout, mask, x.shape[1], self.index)  # (B|1,1,T,2T)
+        if self.inner.window is not None:  # a sliding-window layer: exact and rebuilt alike
+            both = torch.cat([positions, positions], dim=-1)  # (T2,) or (B, 2T)
+            mp_mask = mp_mask & window_mask(positions, both, self.inner.window)
         return self.inner.attend(
             q, torch.cat([k, k_hat], dim=2), torch.cat([v, v_hat], dim=2), mp_mask
         )
