@@ -1,5 +1,6 @@
-"""Data sets without a hub: Fashion-MNIST (Debian), Jane Austen's novels (Debian R package),
-scikit-image sample photos. Every split is deterministic and needs no network.
+"""Data sets without a hub: Fashion-MNIST (Debian), Jane Austen's novels and Moby-Dick (Debian
+R packages), scikit-image sample photos, and any UTF-8 text file a user names. Every split is
+deterministic and needs no network.
 """
 
 from __future__ import annotations
@@ -123,23 +124,24 @@ def austen_cache_dir() -> Path:
     return cache_dir() / "data" / "austen"
 
 
-def _austen_data_dir() -> Path:
-    """Folder holding Rdata.rdb/.rdx: $ASTRA_AUSTEN_DIR, the deb extracted under
-    cache_dir()/data/janeaustenr, or the apt-installed R package."""
-    extracted = cache_dir() / "data" / "janeaustenr"
-    roots = [Path(os.environ["ASTRA_AUSTEN_DIR"])] if os.environ.get("ASTRA_AUSTEN_DIR") else []
-    roots += [extracted, AUSTEN_R_DIR]
+def _r_roots(env: str, extracted: Path, installed: Path) -> list[Path]:
+    """Where an R package's data may be: $env, its .deb extracted under the cache (by
+    scripts/setup.sh), or the apt-installed package."""
+    return ([Path(os.environ[env])] if os.environ.get(env) else []) + [extracted, installed]
+
+
+def _find_r_data(roots: list[Path], package: str) -> Path | None:
+    """The first folder under `roots` holding the package's data/Rdata.rdb + .rdx."""
     for root in roots:
-        for d in (root, root / "data", root / "usr/lib/R/site-library/janeaustenr/data"):
+        for d in (root, root / "data", root / f"usr/lib/R/site-library/{package}/data"):
             if (d / "Rdata.rdb").is_file() and (d / "Rdata.rdx").is_file():
                 return d
-    raise DataNotFoundError(
-        f"Jane Austen novels not found (looked in {', '.join(map(str, roots))}); "
-        + _AUSTEN_HINT.format(dest=extracted)
-    )
+    return None
 
 
-def _read_austen_rdb(d: Path) -> dict[str, str]:
+def _read_rdb(d: Path, names) -> dict[str, object]:
+    """The named objects of an R package's lazy-load data base (data/Rdata.rdb + .rdx),
+    converted by rdata: an R character vector becomes a numpy string array."""
     import rdata  # optional dependency: pip install -e '.[assets]'
 
     def parse(raw: bytes):
@@ -149,12 +151,33 @@ def _read_austen_rdb(d: Path) -> dict[str, str]:
 
     index = parse(gzip.decompress((d / "Rdata.rdx").read_bytes()))
     rdb = (d / "Rdata.rdb").read_bytes()
-    novels = {}
-    for var, (offset, length) in index["variables"].items():
-        if str(var) in AUSTEN_TITLES:
-            # Each object: 4-byte length header, then a zlib stream of an R character vector.
-            lines = parse(zlib.decompress(rdb[offset + 4 : offset + length]))
-            novels[str(var)] = "\n".join(str(line) for line in lines)
+    # Each object: 4-byte length header, then a zlib stream of the serialised R object.
+    return {
+        str(var): parse(zlib.decompress(rdb[offset + 4 : offset + length]))
+        for var, (offset, length) in index["variables"].items()
+        if str(var) in names
+    }
+
+
+def _austen_data_dir() -> Path:
+    """Folder holding Rdata.rdb/.rdx: $ASTRA_AUSTEN_DIR, the deb extracted under
+    cache_dir()/data/janeaustenr, or the apt-installed R package."""
+    extracted = cache_dir() / "data" / "janeaustenr"
+    roots = _r_roots("ASTRA_AUSTEN_DIR", extracted, AUSTEN_R_DIR)
+    found = _find_r_data(roots, "janeaustenr")
+    if found is None:
+        raise DataNotFoundError(
+            f"Jane Austen novels not found (looked in {', '.join(map(str, roots))}); "
+            + _AUSTEN_HINT.format(dest=extracted)
+        )
+    return found
+
+
+def _read_austen_rdb(d: Path) -> dict[str, str]:
+    novels = {  # one R string per line of the novel
+        var: "\n".join(str(line) for line in lines)
+        for var, lines in _read_rdb(d, AUSTEN_TITLES).items()
+    }
     missing = AUSTEN_TITLES.keys() - novels.keys()
     if missing:
         raise DataNotFoundError(f"{d}/Rdata.rdb lacks {sorted(missing)}; is it janeaustenr?")
@@ -181,20 +204,20 @@ def austen_novels() -> dict[str, str]:
     return {title: novels[var] for var, title in AUSTEN_TITLES.items()}
 
 
-def chapter_starts(text: str) -> list[int]:
-    """Character offsets of the chapter headings ("CHAPTER IV", "Chapter 12")."""
+def chapter_starts(text: str, heading: re.Pattern = _CHAPTER) -> list[int]:
+    """Character offsets of the chapter headings (Austen's: "CHAPTER IV", "Chapter 12")."""
     starts, pos = [], 0
     for line in text.split("\n"):
-        if _CHAPTER.match(line):
+        if heading.match(line):
             starts.append(pos)
         pos += len(line) + 1
     return starts
 
 
-def _split_bounds(text: str) -> tuple[int, int]:
+def _split_bounds(text: str, heading: re.Pattern = _CHAPTER) -> tuple[int, int]:
     """Character offsets (val_start, test_start), both at chapter headings nearest to 90% and
     95% of the novel, with at least one chapter in each of val and test."""
-    starts = chapter_starts(text)
+    starts = chapter_starts(text, heading)
     if len(starts) < 3:
         raise ValueError(f"found {len(starts)} chapter headings; need at least 3 to split")
     train_frac, val_frac, _ = AUSTEN_FRACTIONS
@@ -212,21 +235,134 @@ def austen_novel_splits(split: str) -> dict[str, str]:
     contiguous train (first ~90%, front matter included) / val (~5%) / test (last ~5%) ranges,
     so held-out text is prose a model trained on train has never seen."""
     _check_split(split)
-    parts = {}
-    for title, text in austen_novels().items():
-        val_start, test_start = _split_bounds(text)
-        lo, hi = {
-            "train": (0, val_start),
-            "val": (val_start, test_start),
-            "test": (test_start, len(text)),
-        }[split]
-        parts[title] = text[lo:hi]
-    return parts
+    return {title: _cut(novel, split) for title, novel in austen_novels().items()}
 
 
 def austen_text(split: str) -> str:
     """All six novels' part of the split, in publication order, separated by blank lines."""
     return "\n\n".join(austen_novel_splits(split).values())
+
+
+def _cut(text: str, split: str, heading: re.Pattern = _CHAPTER) -> str:
+    """One novel's part of the split, cut at chapter headings like Austen's (see above)."""
+    _check_split(split)
+    val_start, test_start = _split_bounds(text, heading)
+    return {
+        "train": text[:val_start],
+        "val": text[val_start:test_start],
+        "test": text[test_start:],
+    }[split]
+
+
+# Moby-Dick
+#
+# Herman Melville's "Moby-Dick; or, The Whale" (1851) is in the public domain (first published
+# 1851, author died 1891). The copy read here is Project Gutenberg EBook #2701, shipped as the
+# `mobydick` data set of the R package tokenizers (MIT-licensed code; Debian main,
+# r-cran-tokenizers 0.3.0-1). Project Gutenberg's header and licence footer, which concern its
+# trademark and not the public-domain work, are cut off: what is measured is Melville's text.
+
+MOBY_DICK_R_DIR = Path("/usr/lib/R/site-library/tokenizers")  # when apt-installed
+_MOBY_DICK_CHAPTER = re.compile(r"^CHAPTER \d+\. ")  # "CHAPTER 1. Loomings."
+_MOBY_DICK_HINT = (
+    "get it with `cd /tmp && apt-get download r-cran-tokenizers && "
+    "dpkg -x r-cran-tokenizers_*.deb {dest}` (or `bash scripts/setup.sh`); "
+    "`apt-get install r-cran-tokenizers` also works but pulls in R"
+)
+
+
+def _moby_dick_data_dir() -> Path:
+    """Folder holding tokenizers' Rdata.rdb/.rdx: $ASTRA_MOBY_DICK_DIR, the deb extracted
+    under cache_dir()/data/tokenizers, or the apt-installed R package."""
+    extracted = cache_dir() / "data" / "tokenizers"
+    roots = _r_roots("ASTRA_MOBY_DICK_DIR", extracted, MOBY_DICK_R_DIR)
+    found = _find_r_data(roots, "tokenizers")
+    if found is None:
+        raise DataNotFoundError(
+            f"Moby-Dick not found (looked in {', '.join(map(str, roots))}); "
+            + _MOBY_DICK_HINT.format(dest=extracted)
+        )
+    return found
+
+
+def strip_gutenberg(text: str) -> str:
+    """The work itself: what lies between a Project Gutenberg file's "*** START OF" line and
+    its "End of Project Gutenberg's ..." / "*** END OF" line, less a "Produced by" credit, with
+    Unix line ends."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    start = re.search(r"^\*\*\* ?START OF .*$", text, re.MULTILINE)
+    end = re.search(r"^(End of (the )?Project Gutenberg|\*\*\* ?END OF )", text, re.MULTILINE)
+    if start is None or end is None or end.start() < start.end():
+        raise ValueError("not a Project Gutenberg text: no START ... END markers")
+    body = text[start.end() : end.start()].strip()
+    if body.startswith("Produced by"):
+        body = body.split("\n\n", 1)[1].lstrip()
+    return body + "\n"
+
+
+@lru_cache(maxsize=1)
+def moby_dick() -> str:
+    """The whole novel (front matter, 135 chapters, epilogue), 1.2 M characters. The first read
+    extracts it to cache_dir()/data/moby-dick/moby-dick.txt; later reads use that."""
+    cached = cache_dir() / "data" / "moby-dick" / "moby-dick.txt"
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    d = _moby_dick_data_dir()
+    found = _read_rdb(d, {"mobydick"})
+    if "mobydick" not in found:
+        raise DataNotFoundError(f"{d}/Rdata.rdb lacks mobydick; is it tokenizers?")
+    text = strip_gutenberg("\n".join(str(part) for part in found["mobydick"]))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text(cached, text)
+    return text
+
+
+def moby_dick_text(split: str) -> str:
+    """The novel's part of the split, cut at chapter headings: train (front matter and the
+    first ~90%), val (~5%), test (the last ~5%, epilogue included)."""
+    return _cut(moby_dick(), split, _MOBY_DICK_CHAPTER)
+
+
+# Texts by name, and the user's own
+
+TEXTS = {  # name -> split -> text; perplexity and embedding tasks read one (`astra eval --dataset`)
+    "austen": austen_text,
+    "moby-dick": moby_dick_text,
+}
+
+
+def builtin_text(name: str, split: str) -> str:
+    """A built-in text's part of the split."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown text {name!r}; expected one of {', '.join(TEXTS)}")
+    return TEXTS[name](split)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A user's UTF-8 plain-text file, whole (a leading byte-order mark dropped, CRLF -> LF).
+    One clear error for a missing, unreadable, binary, non-UTF-8 or empty file."""
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{p} is a directory, not a text file") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read it ({e.strerror or e})") from None
+    try:
+        body = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    if "\x00" in body:
+        raise ValueError(f"{p} holds NUL bytes: not a plain-text file")
+    body = body.removeprefix("\ufeff").replace("\r\n", "\n")
+    if not body.strip():
+        raise ValueError(f"{p} is empty" + (" (only whitespace)" if body else ""))
+    return body
 
 
 def token_blocks(tokenizer, text: str, seq_len: int, max_blocks: int | None = None):

@@ -560,13 +560,17 @@ def build_inputs(config: RunConfig, model_dir: Path) -> tuple[dict, bool, str]:
         photo = sample_photos()["astronaut"]
         pixels = image_transform(model_dir, config.image_size)(photo)[None]
         return {"pixels": pixels}, False, f"scikit-image 'astronaut' at {config.image_size} px"
+    from astra.text import encode, windows  # one tokenization rule: run, eval, serve
+
     tokenizer = load_tokenizer(model_dir)
     if config.prompt is not None:
-        ids = tokenizer(config.prompt, return_tensors="pt")["input_ids"][:, : config.tokens]
+        ids = torch.tensor([encode(tokenizer, config.prompt)])[:, : config.tokens]
         return {"input_ids": ids}, kind == "decoder", "the given prompt"
-    from astra.datasets import austen_text, token_blocks
+    from astra.datasets import austen_text
 
-    ids = token_blocks(tokenizer, austen_text("test"), config.tokens, 1)
+    # a decoder continues running text (BOS first if the tokenizer adds one); an encoder's
+    # passage is a whole input ([CLS] ... [SEP])
+    ids = windows(tokenizer, austen_text("test"), config.tokens, 1, closed=kind != "decoder")
     return {"input_ids": ids}, kind == "decoder", "held-out Austen text"
 
 

@@ -2,9 +2,13 @@
 
 - `ImageClassification`: ViT/DINOv2 on Fashion-MNIST, top-1 of a linear head trained on the
   full-precision backbone's class token (the head is fitted once and cached per model).
-- `LanguageModeling`: Llama/GPT-2 perplexity on held-out Jane Austen text.
-- `SentenceEmbedding`: BERT (all-MiniLM-L6-v2) mean-pooled embeddings of Austen passages,
-  cosine similarity to the full-precision embeddings.
+- `LanguageModeling`: Llama/GPT-2 perplexity on held-out Jane Austen text (or another built-in
+  text, `TaskConfig.dataset`, or the user's own file, `TaskConfig.text_file`).
+- `SentenceEmbedding`: BERT (all-MiniLM-L6-v2) mean-pooled embeddings of Austen passages (or
+  the same other texts), cosine similarity to the full-precision embeddings.
+
+Text becomes token ids through astra.text, the rule `astra run` and `astra serve` use too: every
+window starts with the tokenizer's own BOS when it adds one.
 
 Every task gives batches, turns a batch into embedded tokens, and turns last hidden states into
 its outputs, so calibration, fine-tuning and evaluation are written once (astra.parallel.train).
@@ -23,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astra import datasets
-from astra.models import image_transform, load_tokenizer, mean_pool, model_family
+from astra.models import image_transform, load_tokenizer, mean_pool, model_spec
 from astra.storage import load_tensors, save_tensors
+from astra.text import windows
 
 PROBE_KIND = "astra-probe/1"
 
@@ -35,8 +40,14 @@ class TaskConfig:
     seq_len: int = 256  # tokens per sequence for language modelling and embeddings
     batch_size: int = 16
     probe_train_images: int = 10000  # images the linear head is fitted on (full precision)
+    dataset: str = "austen"  # text tasks: a built-in text (datasets.TEXTS), split by chapters
+    text_file: str | None = None  # text tasks: a UTF-8 file used whole instead (any split)
 
     def __post_init__(self) -> None:
+        if self.dataset not in datasets.TEXTS:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; expected one of {', '.join(datasets.TEXTS)}"
+            )
         if self.image_size < 14:
             raise ValueError(f"image_size must be >= 14 pixels, got {self.image_size}")
         if self.seq_len < 8:
@@ -49,12 +60,13 @@ class Task:
     name: str
     metric: str
     higher_is_better: bool
-    quant_point: str  # the paper's choice for this family
     class_tokens: str
 
     def __init__(self, model: nn.Module, model_dir: Path, config: TaskConfig):
         self.model_dir = Path(model_dir)
         self.config = config
+        # ASTRA's default quantization point: the family's (its spec), not the task's
+        self.quant_point = model_spec(model_dir).quant_point
 
     def batches(self, split: str, limit: int | None = None) -> Iterator[dict]:
         raise NotImplementedError
@@ -66,9 +78,21 @@ class Task:
         return None
 
 
+def task_text(config: TaskConfig, split: str) -> str:
+    """The text a text task reads: the user's file, whole, or a built-in text's split."""
+    if config.text_file is not None:
+        return datasets.read_text_file(config.text_file)
+    return datasets.builtin_text(config.dataset, split)
+
+
+def text_name(config: TaskConfig) -> str:
+    """What a text task measures on, for its name: "austen", "moby-dick", a file's name."""
+    return Path(config.text_file).name if config.text_file is not None else config.dataset
+
+
 class ImageClassification(Task):
     name, metric, higher_is_better = "fashion-mnist", "top1", True
-    quant_point, class_tokens = "hidden", "distributed"
+    class_tokens = "distributed"
 
     def __init__(self, model: nn.Module, model_dir: Path, config: TaskConfig):
         super().__init__(model, model_dir, config)
@@ -141,20 +165,21 @@ class ImageClassification(Task):
 
 class LanguageModeling(Task):
     name, metric, higher_is_better = "austen-ppl", "perplexity", False
-    quant_point, class_tokens = "kv", "none"
+    class_tokens = "none"
 
     def __init__(self, model: nn.Module, model_dir: Path, config: TaskConfig):
         super().__init__(model, model_dir, config)
         self.tokenizer = load_tokenizer(model_dir)
+        self.name = f"{text_name(config)}-ppl"
         self._blocks: dict[str, Tensor] = {}
 
     def token_blocks(self, split: str, limit: int | None) -> Tensor:
+        """(B, seq_len) windows of the split; each starts with the tokenizer's BOS if it adds
+        one (never a target: `score` predicts tokens 1..T-1 of each window)."""
         key = f"{split}:{limit}"
         if key not in self._blocks:
-            text = datasets.austen_text(split)
-            self._blocks[key] = datasets.token_blocks(
-                self.tokenizer, text, self.config.seq_len, limit
-            )
+            text = task_text(self.config, split)
+            self._blocks[key] = windows(self.tokenizer, text, self.config.seq_len, limit)
         return self._blocks[key]
 
     def batches(self, split: str, limit: int | None = None) -> Iterator[dict]:
@@ -185,18 +210,16 @@ class LanguageModeling(Task):
 
 class SentenceEmbedding(Task):
     name, metric, higher_is_better = "austen-embedding", "cosine", True
-    quant_point, class_tokens = "hidden", "none"
+    class_tokens = "none"
 
     def __init__(self, model: nn.Module, model_dir: Path, config: TaskConfig):
         super().__init__(model, model_dir, config)
         self.tokenizer = load_tokenizer(model_dir)
+        self.name = f"{text_name(config)}-embedding"
 
     def batches(self, split: str, limit: int | None = None) -> Iterator[dict]:
-        body = self.config.seq_len - 2  # room for [CLS] and [SEP]
-        ids = datasets.token_blocks(self.tokenizer, datasets.austen_text(split), body, limit)
-        cls = torch.full((ids.shape[0], 1), self.tokenizer.cls_token_id)
-        sep = torch.full((ids.shape[0], 1), self.tokenizer.sep_token_id)
-        ids = torch.cat([cls, ids, sep], dim=1)  # (B, seq_len)
+        text = task_text(self.config, split)
+        ids = windows(self.tokenizer, text, self.config.seq_len, limit, closed=True)  # [CLS]..[SEP]
         for start in range(0, ids.shape[0], self.config.batch_size):
             yield {"input_ids": ids[start : start + self.config.batch_size]}
 
@@ -219,20 +242,16 @@ class SentenceEmbedding(Task):
         return total / max(count, 1)
 
 
-TASKS_BY_FAMILY = {
-    "vit": ImageClassification,
-    "dinov2": ImageClassification,
-    "llama": LanguageModeling,
-    "gpt2": LanguageModeling,
-    "bert": SentenceEmbedding,
+# FamilySpec.task -> the task that measures it
+TASKS: dict[str, type[Task]] = {
+    "image-classification": ImageClassification,
+    "language-modeling": LanguageModeling,
+    "sentence-embedding": SentenceEmbedding,
 }
 
 
 def make_task(model: nn.Module, model_dir: Path, config: TaskConfig | None = None) -> Task:
-    family = model_family(model_dir)
-    if family not in TASKS_BY_FAMILY:
-        raise ValueError(f"no task for model family {family!r}; have {sorted(TASKS_BY_FAMILY)}")
-    return TASKS_BY_FAMILY[family](model, model_dir, config or TaskConfig())
+    return TASKS[model_spec(model_dir).task](model, model_dir, config or TaskConfig())
 
 
 def set_seed(seed: int) -> None:

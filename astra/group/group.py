@@ -46,6 +46,7 @@ from astra.models import (
 )
 from astra.net.launch import mp_context, process_state, start_ranks, stop_ranks
 from astra.sampling import Sampling
+from astra.text import encode
 
 log = logging.getLogger("astra.group")
 DEFAULT_SAMPLING = Sampling()  # 16 tokens at temperature 1 (OpenAI's defaults)
@@ -351,7 +352,7 @@ class Group:
         if isinstance(prompt, str) and self.tokenizer is None:
             raise RequestError(f"model {self.config.model} has no tokenizer; send token ids")
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return encode(self.tokenizer, prompt)  # the rule run and eval use (astra.text)
         return list(prompt)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:

@@ -56,9 +56,18 @@ class ServeConfig:
 class ApiError(Exception):
     """An error the client gets as an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, **headers):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        **headers,
+    ):
         super().__init__(message)
         self.status, self.type, self.code, self.headers = status, type_, code, headers
+        self.param = param
 
 
 class _Ticket:
@@ -160,7 +169,9 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         metrics.count(request.url.path, exc.status)
         return JSONResponse(
-            wire.error_body(str(exc), exc.type, exc.code), exc.status, headers=exc.headers
+            wire.error_body(str(exc), exc.type, exc.code, exc.param),
+            exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -224,6 +235,27 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
     def bad_request(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), "invalid_request_error")
 
+    def check_context(prompt_tokens: int, max_tokens: int, param: str) -> None:
+        """Before the request queues: the prompt and the tokens to generate fit the context.
+        OpenAI's code and param, and the numbers, so a client can cut its prompt to fit."""
+        limit = group.context_length
+        if limit is None or prompt_tokens + max_tokens <= limit:
+            return
+        noun = "input" if param == "input" else "prompt"
+        what = f"{noun} of {prompt_tokens} tokens" + (
+            f" + max_tokens {max_tokens} = {prompt_tokens + max_tokens} tokens"
+            if max_tokens
+            else ""
+        )
+        fix = f"shorten the {noun}" + (" or lower max_tokens" if max_tokens else "")
+        raise ApiError(
+            400,
+            f"{what} exceeds the model's context of {limit} tokens; {fix}",
+            "invalid_request_error",
+            "context_length_exceeded",
+            param,
+        )
+
     @app.get("/health")
     async def health():
         state = group.health()
@@ -256,6 +288,11 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
     async def generate(request: Request, body: wire._Sampled, ids: list[int], chat: bool):
         try:
             sampling = body.sampling(config.default_max_tokens)
+        except (RequestError, ValueError) as exc:
+            raise bad_request(exc) from None
+        if group.kind == "decoder":  # an encoder is refused below, for what it is
+            check_context(len(ids), sampling.max_tokens, "messages" if chat else "prompt")
+        try:
             group.check_prompt(ids, sampling.max_tokens)
         except (RequestError, ValueError) as exc:
             raise bad_request(exc) from None
@@ -383,6 +420,12 @@ def create_app(group: Group, config: ServeConfig) -> FastAPI:
                     "encoder (astra serve --model minilm-l6)"
                 )
             )
+        for text in inputs:  # every input before any work: one too long refuses the request
+            try:
+                ids = group.encode_prompt(text) if isinstance(text, str) else list(text)
+            except (RequestError, ValueError) as exc:
+                raise bad_request(exc) from None
+            check_context(len(ids), 0, "input")
         data, records = [], []
         for i, text in enumerate(inputs):
             ticket = runner.admit(config.retry_after_s)
