@@ -63,6 +63,19 @@ smollm2() {  # Table 3 analogue: perplexity on held-out Austen, kv point, 4 devi
     --json $R/smollm2_eval_calibrated.json --no-progress
 }
 
+texts() {  # issue 13: every real decoder on two texts, training-free G=1 and G=32, 2 and 4
+  # devices; codebooks calibrated on Austen's train split only (Moby-Dick is unseen text)
+  for g in 1 32; do
+    [ -f $A/smol-kv-g$g.safetensors ] || $ASTRA calibrate $SMOL --point kv --groups $g \
+      --sequences 16 --max-samples 4096 --kmeans-iters 5 --force --out $A/smol-kv-g$g.safetensors \
+      --json $R/smollm2_calibrate_g$g.json --no-progress
+  done
+  for d in austen moby-dick; do
+    $ASTRA eval $SMOL --dataset $d --artefacts $A/smol-kv-g1.safetensors $A/smol-kv-g32.safetensors \
+      --devices 2,4 --limit 16 --json $R/texts_smollm2_$d.json --no-progress
+  done
+}
+
 minilm() {  # cosine similarity to the full-precision embeddings, 4 devices
   for g in 1 32; do
     $ASTRA calibrate $MINI --groups $g --sequences 64 --force --out $A/minilm-g$g.safetensors \

@@ -274,3 +274,22 @@ def test_astra_run_in_processes_on_each_family(family, tmp_path, monkeypatch):
         "records"]}
     assert rows["sp-fp32"]["generated_ids"] == rows["single"]["generated_ids"]
     assert len(rows["astra"]["generated_ids"]) == 4
+
+
+@torch.no_grad()
+def test_the_kv_point_codes_keys_after_the_qk_norm_and_before_rope(family_dir):
+    """Gemma 3: the "kv" quantization point sits after the per-head k-norm (the codebook
+    sees the normed keys) and before RoPE (a receiver rotates rebuilt keys to the sender's
+    positions), for every family: what the quantizer records is project_kv's output."""
+    family, _, path = family_dir
+    model = load_model(path)
+    attn = model.blocks[0].attn
+    astra = apply_astra(copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=1,
+                                                          codebook_size=8))
+    x = torch.randn(1, 5, model.config.dim)
+    recorded_k = astra.quantizers[0].inputs(attn, x)[0]  # (1, 5, Dkv): keys as quantized
+    raw = attn.k_proj(x).view(1, 5, -1, attn.head_dim).transpose(1, 2)  # (1, Hkv, 5, hd)
+    normed = raw if attn.k_norm is None else attn.k_norm(raw)
+    assert (attn.k_norm is not None) == (family == "gemma3")
+    expected = normed.transpose(1, 2).reshape(1, 5, -1)  # (1, 5, Hkv*hd): heads side by side
+    torch.testing.assert_close(recorded_k, expected, rtol=0, atol=0)
