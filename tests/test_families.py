@@ -191,23 +191,25 @@ def test_astra_with_exact_codes_equals_one_device(family_dir, point):
     torch.testing.assert_close(out, model(ids), rtol=0, atol=ATOL_EXACT)
 
 
-def _lockstep(astra, x, num_devices, method, kind="contiguous"):
+def _lockstep(astra, x, num_devices, method, kind="contiguous", exchange="auto", loss=None):
     seq = build_sequence_layout(x.shape[1], PlacementConfig(num_devices, kind=kind), "none")
 
     def fn(rank, world_size, comm):
         local = share_weights_copy(astra.model)
         with torch.no_grad():
             return rank_forward(rank, world_size, comm, local, astra.quantizers, x, seq,
-                                method=method)
+                                method=method, exchange=exchange, loss=loss)
 
     outs, _, _ = run_lockstep(fn, num_devices, LinkConfig(bandwidth_mbps=10.0, latency_ms=0.0))
     return seq, outs
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("kind,exchange", [
+    ("contiguous", "stream"), ("zigzag", "stream"), ("contiguous", "all-gather"),
+])  # fmt: skip
 def test_runtime_equals_one_device_at_full_precision_and_the_simulation_with_codes(
-    family_dir, kind
+    family_dir, kind, exchange
 ):
     _, _, path = family_dir
     model = load_model(path)
@@ -224,10 +226,41 @@ def test_runtime_equals_one_device_at_full_precision_and_the_simulation_with_cod
     simulated = astra.forward_hidden(x, PlacementConfig(3, kind=kind))
     for method, expected, atol in (("sp-fp32", reference, ATOL_EXACT),
                                    ("astra", simulated, ATOL_RUNTIME)):  # fmt: skip
-        seq, outs = _lockstep(astra, x, 3, method, kind)
+        seq, outs = _lockstep(astra, x, 3, method, kind, exchange)
         for rank, out in enumerate(outs):
             idx = torch.nonzero(seq.device_of_token == rank).flatten()
             torch.testing.assert_close(out, expected[:, idx], rtol=0, atol=atol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_lost_packets_of_a_windowed_model_are_the_same_in_simulation_and_runtime(
+    family, tmp_path
+):
+    """Only the tokens a window reaches travel, in packets; the simulation loses exactly the
+    packets the runtime loses (same tokens per packet)."""
+    from astra.net.link import LossModel
+    from astra.net.packets import HEADER, PacketChannel, PacketFormat
+
+    save_tiny(family, tmp_path)
+    model = load_model(tmp_path)
+    x = model.embed(torch.randint(0, VOCAB, (1, 24)))
+    astra = apply_astra(
+        copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    )
+    for quantizer, parts in zip(
+        astra.quantizers, astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
+    ):
+        for codebook, samples in zip(quantizer.codebooks, parts):
+            codebook.kmeans_init_(samples, num_iters=3, seed=0)
+    # 16 bits per token: packets of 2 tokens
+    loss = PacketChannel(LossModel(0.3, seed=3), PacketFormat(mtu=HEADER.size + 4))
+    simulated = astra.forward_hidden(x, PlacementConfig(3), loss=loss)
+    assert (simulated - astra.forward_hidden(x, PlacementConfig(3))).abs().max() > 1e-4
+    seq, outs = _lockstep(astra, x, 3, "astra", loss=loss)
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        torch.testing.assert_close(out, simulated[:, idx], rtol=0, atol=ATOL_RUNTIME)
 
 
 def test_sliding_windows_send_codes_only_where_a_window_reaches():
@@ -241,6 +274,11 @@ def test_sliding_windows_send_codes_only_where_a_window_reaches():
     assert layouts[0].consumers_within(WINDOW) == [1]
     assert layouts[0].consumers_within(9) == [1]  # query 16 - key 7 = 9: just outside
     assert layouts[0].consumers_within(10) == [1, 2]  # ... and inside a 10-token window
+    # ... and only the tokens a window reaches: device 0's last 5 (positions 3..7)
+    trimmed = layouts[1].for_window(WINDOW)
+    assert trimmed.send_positions[0].tolist() == [3, 4, 5, 6, 7]
+    assert trimmed.send_counts == [5, 5, 5, 0]  # nobody holds a token after device 3's
+    assert trimmed.send_local.tolist() == [3, 4, 5, 6, 7]  # device 1's local indices
 
 
 def _tokenizer_dir(path):

@@ -25,6 +25,17 @@ def causal_mask(q_positions: Tensor, k_positions: Tensor, window: int | None = N
     return (delta >= 0) if window is None else (delta >= 0) & (delta < window)
 
 
+def seen_within_window(key_positions: Tensor, query_positions: Tensor, window: int) -> Tensor:
+    """(Tk,) bool: True where some query sees the key through a causal sliding window, i.e.
+    a query sits at the key's position or up to window-1 after it. What a device must send of
+    a sliding-window layer: keys no other device's window reaches need not travel."""
+    queries = query_positions.sort().values
+    first = torch.searchsorted(queries, key_positions)  # first query at or after each key
+    found = first < queries.numel()
+    nearest = queries[first.clamp(max=max(queries.numel() - 1, 0))] if queries.numel() else first
+    return found & (nearest - key_positions < window)
+
+
 def window_mask(q_positions: Tensor, k_positions: Tensor, window: int) -> Tensor:
     """True where a key is not older than the sliding window: q - k < window. Positions (T,)
     give (Tq, Tk); per-row positions (B, T) give (B, 1, Tq, Tk)."""

@@ -31,14 +31,20 @@ full-precision sequence parallelism (Voltage).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from astra.models.attention import Attention, KVCache, causal_mask, softcapped_attention_lse
+from astra.models.attention import (
+    Attention,
+    KVCache,
+    causal_mask,
+    seen_within_window,
+    softcapped_attention_lse,
+)
 from astra.parallel.codecs import CodesCodec
 
 if TYPE_CHECKING:
@@ -82,6 +88,24 @@ class RankLayout:
         ok = latest >= 0
         return bool((queries[ok] - keys[latest[ok]] < window).any())
 
+    def for_window(self, window: int | None) -> RankLayout:
+        """This layout for a sliding-window layer: each rank sends only the tokens some other
+        rank's window reaches (with contiguous placement, its last window-1 tokens), so the
+        codes of the rest never travel. Every rank derives the same from the same positions."""
+        if window is None or not self.causal or self.held_positions is None:
+            return self
+        keep = []
+        for j in range(self.world_size):
+            others = [p for r, p in enumerate(self.held_positions) if r != j]
+            queries = torch.cat(others) if others else self.send_positions[j][:0]
+            keep.append(seen_within_window(self.send_positions[j], queries, window))
+        return replace(
+            self,
+            send_local=self.send_local[keep[self.rank]],
+            send_counts=[int(k.sum()) for k in keep],
+            send_positions=[p[k] for p, k in zip(self.send_positions, keep, strict=True)],
+        )
+
     def senders_within(self, window: int | None = None) -> list[int]:
         """Ranks whose codes this rank needs (causal: only ranks holding earlier tokens, and
         with a sliding window only those whose tokens some window here reaches)."""
@@ -116,9 +140,10 @@ class RankAttention(nn.Module):
     ):
         super().__init__()
         self.exchange = resolve_exchange(exchange, layout.causal)
-        # a sliding-window layer needs codes only from ranks its windows reach (and sends its
-        # own only to ranks whose windows reach it): fewer bytes on every link
+        # a sliding-window layer sends only the tokens other ranks' windows reach, only to the
+        # ranks they reach, and needs codes only from ranks its windows reach
         self.window = inner.window
+        layout = layout.for_window(self.window)
         self.senders = layout.senders_within(self.window)
         self.consumers = layout.consumers_within(self.window)
         # streaming: the last rank's codes are needed by no one during prefill

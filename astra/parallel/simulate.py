@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from astra.models.attention import Attention, causal_mask, window_mask
+from astra.models.attention import Attention, causal_mask, seen_within_window, window_mask
 from astra.net.packets import PacketChannel
 from astra.parallel.config import AstraConfig, check_codebook_memory
 from astra.parallel.placement import PlacementConfig, assign_tokens
@@ -74,7 +74,9 @@ class MixedPrecisionAttention(nn.Module):
         q = self.inner.rotate(q, positions)
         k = self.inner.rotate(k, positions)
         k_hat = self.inner.rotate(k_hat, positions)  # remote keys rotate to the sender's positions
-        mp_mask = mixed_precision_mask(layout, mask, x.shape[1], self.index)  # (B|1,1,T,2T)
+        mp_mask = mixed_precision_mask(
+            layout, mask, x.shape[1], self.index, self.inner.window
+        )  # (B|1, 1, T, 2T)
         if self.inner.window is not None:  # a sliding-window layer: exact and rebuilt alike
             both = torch.cat([positions, positions], dim=-1)  # (T2,) or (B, 2T)
             mp_mask = mp_mask & window_mask(positions, both, self.inner.window)
@@ -84,7 +86,11 @@ class MixedPrecisionAttention(nn.Module):
 
 
 def mixed_precision_mask(
-    layout: DeviceLayout, mask: Tensor | None, num_tokens: int, block: int = 0
+    layout: DeviceLayout,
+    mask: Tensor | None,
+    num_tokens: int,
+    block: int = 0,
+    window: int | None = None,
 ) -> Tensor:
     """(B|1, 1, T, 2T) bool: first T columns the exact keys, last T the rebuilt ones."""
     dev = layout.device_of_token
@@ -92,7 +98,7 @@ def mixed_precision_mask(
     remote = ~same & layout.sendable[None, :]
     if layout.loss:
         # (B|1, T, T): receiver row (via its device), token column; one channel per batch row
-        lost = torch.stack([lost_tokens(layout, block, ch)[dev] for ch in layout.loss])
+        lost = torch.stack([lost_tokens(layout, block, ch, window)[dev] for ch in layout.loss])
         remote = remote & ~lost[:, None]  # (B|1, 1, T, T)
     if mask is None:
         mask = torch.ones(1, 1, num_tokens, num_tokens, dtype=torch.bool, device=dev.device)
@@ -101,16 +107,22 @@ def mixed_precision_mask(
     return torch.cat([exact, rebuilt], dim=-1)
 
 
-def lost_tokens(layout: DeviceLayout, block: int, channel: PacketChannel) -> Tensor:
+def lost_tokens(
+    layout: DeviceLayout, block: int, channel: PacketChannel, window: int | None = None
+) -> Tensor:
     """(N, T) bool: True where receiver r lost token t's codes in `block`.
 
     Same packets and keys as the runtime (astra.net.packets: block, sender, receiver, packet;
-    the sender's sent tokens in order, interleaved over its packets), so the simulation and the
-    distributed run lose exactly the same tokens."""
+    the sender's sent tokens in order, interleaved over its packets; in a sliding-window layer
+    only the tokens another device's window reaches are sent, RankLayout.for_window), so the
+    simulation and the distributed run lose exactly the same tokens."""
     dev, n = layout.device_of_token, int(layout.device_of_token.max()) + 1
+    positions = torch.arange(dev.numel(), device=dev.device)  # windows: decoders, no replicas
     lost = torch.zeros(n, dev.numel(), dtype=torch.bool)
     for sender in range(n):
         sent = torch.nonzero((dev == sender) & layout.sendable).flatten()
+        if window is not None:
+            sent = sent[seen_within_window(positions[sent], positions[dev != sender], window)]
         for receiver in range(n):
             if receiver != sender and sent.numel():
                 kept = channel.kept_tokens(
