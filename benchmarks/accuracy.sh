@@ -74,6 +74,15 @@ texts() {  # issue 13: every real decoder on two texts, training-free G=1 and G=
     $ASTRA eval $SMOL --dataset $d --artefacts $A/smol-kv-g1.safetensors $A/smol-kv-g32.safetensors \
       --devices 2,4 --limit 16 --json $R/texts_smollm2_$d.json --no-progress
   done
+  # the text encoder: cosine to its full-precision embeddings on the same two texts
+  for g in 1 32; do
+    [ -f $A/minilm-g$g.safetensors ] || $ASTRA calibrate $MINI --groups $g --sequences 64 --force \
+      --out $A/minilm-g$g.safetensors --json $R/minilm_calibrate_g$g.json --no-progress
+  done
+  for d in austen moby-dick; do
+    $ASTRA eval $MINI --dataset $d --artefacts $A/minilm-g1.safetensors $A/minilm-g32.safetensors \
+      --devices 2,4 --limit 64 --json $R/texts_minilm_$d.json --no-progress
+  done
 }
 
 minilm() {  # cosine similarity to the full-precision embeddings, 4 devices
