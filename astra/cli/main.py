@@ -7,6 +7,7 @@ Start with `astra run` (the main job on a built-in default), `astra models list`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from astra.cli.astra_cmds import add_calibrate_parser, add_eval_parser, add_finetune_parser
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         # workers and servers are ended by the finally blocks this unwound; one line, no trace
         print("astra: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`astra models list | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

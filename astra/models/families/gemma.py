@@ -78,7 +78,7 @@ def _gemma3(d: dict) -> DecoderConfig:
     )
 
 
-def _spec(name: str, model_type: str, config_from_hf, summary: str, features) -> FamilySpec:
+def _spec(name: str, model_type: str, config_from_hf, summary: str) -> FamilySpec:
     return FamilySpec(
         name=name,
         model_types=(model_type,),
@@ -89,17 +89,14 @@ def _spec(name: str, model_type: str, config_from_hf, summary: str, features) ->
         quant_point="kv",
         tied_to="embed_tokens.weight",
         summary=summary,
-        features=features,
     )
 
 
 GEMMA2 = _spec(
     "gemma2", "gemma2", _gemma2,
     "Gemma 2: (1+w) RMSNorm, post-norms, GeGLU, alternating sliding windows, soft-capping",
-    ("post-norms", "sliding-window", "softcap"),
 )
 GEMMA3 = _spec(
     "gemma3", "gemma3_text", _gemma3,
     "Gemma 3 (text): Gemma 2's block with q/k-norms and a local RoPE base, no soft-capping",
-    ("post-norms", "sliding-window", "qk-norm"),
 )

@@ -26,5 +26,4 @@ SPEC = FamilySpec(
     quant_point="kv",
     tied_to="embed_tokens.weight",
     summary="Mistral: Llama block with sliding-window attention",
-    features=("sliding-window",),
 )

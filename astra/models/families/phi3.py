@@ -52,5 +52,4 @@ SPEC = FamilySpec(
     quant_point="kv",
     tied_to="embed_tokens.weight",
     summary="Phi-3: Llama block with fused qkv and gate_up projections, sliding window",
-    features=("fused-projections", "sliding-window"),
 )

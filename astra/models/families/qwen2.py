@@ -35,5 +35,4 @@ SPEC = FamilySpec(
     quant_point="kv",
     tied_to="embed_tokens.weight",
     summary="Qwen2/2.5: Llama block, q/k/v biases, optional sliding windows",
-    features=("qkv-bias", "sliding-window"),
 )
