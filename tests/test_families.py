@@ -331,3 +331,12 @@ def test_the_kv_point_codes_keys_after_the_qk_norm_and_before_rope(family_dir):
     assert (attn.k_norm is not None) == (family == "gemma3")
     expected = normed.transpose(1, 2).reshape(1, 5, -1)  # (1, 5, Hkv*hd): heads side by side
     torch.testing.assert_close(recorded_k, expected, rtol=0, atol=0)
+
+
+def test_astra_models_families_lists_every_spec(capsys):
+    from astra.cli.main import main
+
+    assert main(["models", "families"]) == 0
+    out = capsys.readouterr().out
+    for spec in SPECS:
+        assert spec.name in out and spec.model_types[0] in out
