@@ -104,8 +104,8 @@ def main() -> None:
               f"total {s['total_ms']:.0f} | ASTRA TTFT {a['ttft_ms']:.0f} TPOT "
               f"{a['tpot_ms']:.1f} total {a['total_ms']:.0f} | TPOT ratio (median of repeats) "
               f"{result['ratios']['median_tpot']:.3f}, request speed-up "
-              f"{result['ratios']['median_speedup_total']:.2f}x  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+              f"{result['ratios']['median_speedup_total']:.2f}x "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
         runs.append({"latency_ms": latency, "bandwidth_mbps": args.bandwidth, **result})
     write_json(Path(args.out), {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
