@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from astra.models.quantize import QuantizedLinear
+
 
 def causal_mask(q_positions: Tensor, k_positions: Tensor, window: int | None = None) -> Tensor:
     """Boolean (Tq, Tk) mask, True = may attend: a query sees keys at its position or before,
@@ -185,6 +187,13 @@ class Attention(nn.Module):
         self.q_factor = None if scale is None or math.isclose(scale, default) else scale / default
         self.softcap = softcap
         self.window = window
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision activations run in (a weight-quantized projection reports the one
+        its model computes in, not its storage)."""
+        proj = self.o_proj
+        return proj.compute_dtype if isinstance(proj, QuantizedLinear) else proj.weight.dtype
 
     def _split_heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape

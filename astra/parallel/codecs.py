@@ -93,7 +93,7 @@ class FloatCodec:
         return payload.view(self.dtype).view(1, num_tokens, -1)  # (1, n, D) in the wire dtype
 
     def rebuild_kv(self, attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
-        return attn.project_kv(x.to(attn.k_proj.weight.dtype))  # wire dtype -> model dtype
+        return attn.project_kv(x.to(attn.dtype))  # wire dtype -> model dtype
 
     def decode_kv(self, attn: Attention, payload: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
         return self.rebuild_kv(attn, self.receive(payload, num_tokens))

@@ -76,7 +76,7 @@ class BlockQuantizer(nn.Module):
     def decode_kv(self, attn: Attention, codes: Tensor) -> tuple[Tensor, Tensor]:
         """codes (B, T, G_wire) -> rebuilt (k_hat, v_hat), each (B, Hkv, T, hd), before RoPE."""
         splits = [cb.config.num_groups for cb in self.codebooks]
-        dtype = attn.q_proj.weight.dtype  # codebooks stay float32; the model may run in bf16
+        dtype = attn.dtype  # codebooks stay float32; the model may run in bf16
         parts = [cb.decode(c, dtype) for cb, c in zip(self.codebooks, codes.split(splits, dim=-1))]
         if self.point == "hidden":
             return attn.project_kv(parts[0])

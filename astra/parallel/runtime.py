@@ -301,7 +301,7 @@ class RankAttention(nn.Module):
         joined, positions = self.joined_remote(payloads, senders)
         if joined is None:
             attn = self.inner
-            empty = attn.q_proj.weight.new_zeros(1, attn.num_kv_heads, 0, attn.head_dim)
+            empty = torch.zeros(1, attn.num_kv_heads, 0, attn.head_dim, dtype=attn.dtype)
             return empty, empty.clone(), positions
         k, v = self.codec.rebuild_kv(self.inner, joined)
         return k, v, positions
