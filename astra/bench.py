@@ -36,11 +36,19 @@ from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
 from astra.parallel.passes import check_dtype, embed_inputs
-from astra.parallel.placement import PlacementConfig
+from astra.parallel.placement import PlacementConfig, check_device_speeds
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
 from astra.provenance import provenance
-from astra.runner import Job, RunConfig, build_inputs, check_context, run_ranks, summarize
+from astra.runner import (
+    Job,
+    RunConfig,
+    build_inputs,
+    check_context,
+    check_speeds_mode,
+    run_ranks,
+    summarize,
+)
 from astra.storage import atomic_path, write_json, write_text
 
 BENCH_METHODS = tuple(METHODS)  # every method in astra.methods, prefill-only baselines too
@@ -72,6 +80,11 @@ class BenchConfig:
     repeats: int = 1
     dtype: str = "float32"  # compute precision of every method (astra.runner.DTYPES)
     search: str = "auto"  # ASTRA senders' nearest-code search (astra.runner.SEARCHES)
+    # heterogeneous devices (App. D): relative speed per device, one per device of every count
+    # in `devices`; composed mode only (astra.runner.RunConfig.device_speeds). The single-device
+    # reference runs at speed 1; SP methods' placement uses them (contiguous: tokens in
+    # proportion, balanced: equal cost / speed), tp/pp/bp only run at them
+    device_speeds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in BENCH_METHODS]
@@ -92,6 +105,12 @@ class BenchConfig:
             raise ValueError(f"bandwidths must be > 0 Mbit/s, got {self.bandwidths_mbps}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.device_speeds is not None:
+            for n in self.devices:
+                speeds = check_device_speeds(self.device_speeds, n)
+                PlacementConfig(n, kind=self.placement, weights=speeds)  # zigzag: refused
+            object.__setattr__(self, "device_speeds", speeds)
+            check_speeds_mode(speeds, self.mode)
         check_dtype(self.dtype)
         QuantConfig(  # the codebook fields' own checks (one place)
             groups=self.groups,
@@ -238,12 +257,13 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
             )
         artefact = artefact or artefacts[tokens]
     world = 1 if method == "single" else n
+    speeds = config.device_speeds if world > 1 else None  # the reference: a speed-1 device
     job = Job(
         method=method,
         model_dir=str(model_dir),
         artefact=str(artefact) if artefact else None,
         inputs=inputs,
-        placement=PlacementConfig(world, kind=config.placement),
+        placement=PlacementConfig(world, kind=config.placement, weights=speeds),
         class_tokens=class_tokens,
         new_tokens=1,
         link=LinkConfig(bandwidth_mbps=bw, latency_ms=config.latency_ms),
@@ -260,6 +280,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
         dtype=config.dtype,
         search=config.search,
         model=base if config.mode == "composed" else None,
+        device_speeds=speeds,
     )
     t0 = time.perf_counter()
     try:
@@ -430,5 +451,3 @@ def plot_latency(records: list[dict], path: Path) -> Path | None:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
-
-

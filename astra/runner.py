@@ -15,6 +15,8 @@ one device at a time, and composes the critical path with the link model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -60,7 +62,13 @@ from astra.parallel.passes import (
     stage_breakdown,
     to_compute_dtype_,
 )
-from astra.parallel.placement import COST_FIELDS, CausalCost, PlacementConfig, fit_causal_cost
+from astra.parallel.placement import (
+    COST_FIELDS,
+    CausalCost,
+    PlacementConfig,
+    check_device_speeds,
+    fit_causal_cost,
+)
 from astra.parallel.runtime import (
     DecodeAttention,
     resolve_exchange,
@@ -105,10 +113,20 @@ class RunConfig:
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
     dtype: str = "float32"  # compute precision of every method, one of DTYPES
     search: str = "auto"  # ASTRA senders' nearest-code search precision, one of SEARCHES
+    # heterogeneous devices (paper App. D): relative speed per device (1 = this machine's core,
+    # 0.5 = half as fast), None = equal. The composed mode charges each device its measured
+    # compute / speed; the placement sizes chunks from them (contiguous: tokens in proportion;
+    # balanced: equal cost / speed). Processes mode cannot emulate them (see check_speeds_mode)
+    device_speeds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.device_speeds is not None:
+            speeds = check_device_speeds(self.device_speeds, self.devices)
+            object.__setattr__(self, "device_speeds", speeds)
+            PlacementConfig(self.devices, kind=self.placement, weights=speeds)  # zigzag: refused
+            check_speeds_mode(speeds, self.resolved_mode())
         if self.tokens < self.devices:
             raise ValueError(f"tokens={self.tokens} must be >= devices={self.devices}")
         if not 0.0 <= self.loss_rate < 1.0:
@@ -163,7 +181,29 @@ class RunConfig:
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
+        if emulates_speeds(self.device_speeds):
+            return "composed"  # the only mode that can emulate slower devices
         return "processes" if self.devices <= (os.cpu_count() or 1) else "composed"
+
+
+def emulates_speeds(speeds: tuple[float, ...] | None) -> bool:
+    """Whether `speeds` ask for anything but this machine's own speed on every device."""
+    return speeds is not None and any(s != 1.0 for s in speeds)
+
+
+def check_speeds_mode(speeds: tuple[float, ...] | None, mode: str) -> None:
+    """Device speeds other than 1 are emulated in the composed mode only. Real processes would
+    need a slower CPU: fewer threads cannot do it (one thread per device is already the least,
+    and thread scaling is far from linear for small models), and sleeping in proportion to the
+    measured compute would leave the core idle where a slow device computes, hiding contention
+    the composed mode never had to model. So processes mode refuses instead of pretending."""
+    if emulates_speeds(speeds) and mode == "processes":
+        shown = ",".join(f"{s:g}" for s in speeds)
+        raise ValueError(
+            f"device speeds {shown} are emulated in the composed mode only (each device's "
+            "measured compute / its speed); processes mode runs every device at this machine's "
+            "speed. Use --mode composed (auto picks it when speeds differ from 1)"
+        )
 
 
 @dataclass
@@ -193,6 +233,11 @@ class Job:
     dtype: str = "float32"  # compute precision (DTYPES); codebooks stay float32
     search: str = "auto"  # ASTRA senders' nearest-code search (SEARCHES)
     peer_timeout_s: float = 30.0  # one collective: a frozen peer is named after this long
+    # composed mode: each rank's measured compute is charged / its speed (emulated
+    # heterogeneous devices); None = every device at this machine's speed. What the placement
+    # assumes is `placement.weights`, set separately (an equal split of unequal devices is
+    # a valid experiment)
+    device_speeds: tuple[float, ...] | None = None
     model: object = field(default=None, repr=False)  # composed mode: shared weights
 
 
@@ -209,12 +254,14 @@ def job_for(
     """The Job every rank runs for `method`, from the user's RunConfig (processes, composed
     mode and torchrun alike)."""
     resolve_exchange(config.exchange, decoder)  # "stream" on an encoder: a clear error, here
+    # one device ("single") runs at this machine's speed: the reference is a speed-1 device
+    speeds = config.device_speeds if world_size > 1 else None
     return Job(
         method=method,
         model_dir=str(model_dir),
         artefact=str(artefact) if artefact else None,
         inputs=inputs,
-        placement=PlacementConfig(world_size, kind=config.placement),
+        placement=PlacementConfig(world_size, kind=config.placement, weights=speeds),
         class_tokens=class_tokens,
         new_tokens=config.new_tokens,
         link=config.link,
@@ -229,19 +276,34 @@ def job_for(
         parity=config.parity,
         dtype=config.dtype,
         search=config.search,
+        device_speeds=speeds,
     )
+
+
+# ensure_codebooks' training-free calibration; part of the cache key
+CALIBRATION = {"num_sequences": 32, "max_samples": 8192, "kmeans_iters": 10}
 
 
 def default_artefact(model_dir: Path, config: AstraConfig) -> Path:
+    """Where calibrated codebooks are cached (or will be): keyed by the weights' checksum and
+    every setting (codebook config + calibration), not by a model's name or directory, so the
+    same weights under another name reuse them and changed weights never do."""
     from astra.hub import model_checksum
 
-    tag = model_checksum(model_dir)[:12]
-    return (
-        cache_dir()
-        / "artefacts"
-        / f"{model_dir.name}-{tag}-{config.quant_point}-g{config.num_groups}"
+    checksum = model_checksum(model_dir)
+    settings = json.dumps({**config.to_dict(), **CALIBRATION}, sort_keys=True)
+    key = hashlib.sha256(f"{checksum}\n{settings}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "artefacts"
+    path = folder / (
+        f"calibrated-{config.quant_point}-g{config.num_groups}-k{config.codebook_size}"
+        f"-{key}.safetensors"
+    )
+    # earlier versions cached the same calibration under the dir's name + checksum
+    legacy = folder / (
+        f"{model_dir.name}-{checksum[:12]}-{config.quant_point}-g{config.num_groups}"
         f"-k{config.codebook_size}.safetensors"
     )
+    return legacy if not path.is_file() and legacy.is_file() else path
 
 
 def _load(job: Job):
@@ -375,6 +437,10 @@ def fit_balanced_placement(
         stages = stage_breakdown(model, (comm.now() - t0) * 1e3)
         comm.wait_sends()
     tokens = int(layout.local_index.numel())
+    # a device of speed s took 1/s of a speed-1 device's time: fit the speed-1 costs, then
+    # size the chunks for cost / speed (causal_balanced_sizes)
+    speed = placement.weights[rank] if placement.weights is not None else 1.0
+    stages = {name: ms * speed for name, ms in stages.items()}
     mine = {
         "tokens": tokens,
         "earlier": int(layout.local_index.min()),  # contiguous: the tokens before this chunk
@@ -508,6 +574,7 @@ def run_method(job: Job, world_size: int, mode: str) -> dict:
 def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
     """Every rank's result for one method: real processes, or the composed (lockstep) mode."""
     if mode == "processes":
+        check_speeds_mode(job.device_speeds, mode)
         results = spawn(
             _worker,
             world_size,
@@ -526,6 +593,7 @@ def run_ranks(job: Job, world_size: int, mode: str) -> list[dict]:
             world_size,
             job.link,
             timeout_s=job.timeout_s,
+            speeds=job.device_speeds,
         )
     return results
 
@@ -540,6 +608,8 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         search=job.search,
         prompt_tokens=num_input_tokens(job.model_dir, job.inputs),
     ).to_dict()
+    if job.device_speeds is not None:
+        record["device_speeds"] = list(job.device_speeds)
     for key, value in (
         ("generated_ids", next((r["generated"] for r in results if "generated" in r), None)),
         ("output", next((r["output"] for r in results if "output" in r), None)),
@@ -628,9 +698,7 @@ def ensure_codebooks(
         from astra.parallel.artefact import save_artefact
 
         astra = apply_astra(model, astra_config)
-        calibrate_(
-            astra, task, num_sequences=32, max_samples=8192, kmeans_iters=10, progress=progress
-        )
+        calibrate_(astra, task, **CALIBRATION, progress=progress)
         save_artefact(path, astra, model_dir, extra={"mode": "calibrated (training-free)"})
     return path
 

@@ -458,3 +458,70 @@ def test_seeding_many_codebooks_at_once_seeds_each_from_its_own_samples():
             residual = samples[i] - cb.decode(cb.encode(samples[i]))
             errors[i, label] = float(residual.square().sum() / samples[i].square().sum())
         assert errors[i, "batched"] == pytest.approx(errors[i, "own"], rel=0.1)
+
+
+# -- calibration speed: blocked search, pruned Lloyd, seeding in rounds -------------------------
+
+
+@pytest.mark.parametrize("block", [7 * 5, 64 * 2 * 5, 1 << 18])
+def test_blocked_nearest_matches_dense_including_ties(monkeypatch, block):
+    """_nearest_two (blocks over groups and rows, reduced per block) picks exactly the codes of
+    the dense search, ties included (small integers: exact distances, many ties -> first index),
+    and its second distance is the dense second smallest."""
+    import astra.vq.codebook as codebook
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (3, 301, 2), generator=gen).float()  # (G, M, Dg)
+    embed = torch.randint(-2, 3, (3, 5, 2), generator=gen).float()  # duplicate codes too
+    dense = ((x.unsqueeze(2) - embed.unsqueeze(1)) ** 2).sum(-1)  # (G, M, K), exact
+    monkeypatch.setattr(codebook, "_BLOCK_ELEMENTS", block)
+    codes, best, second = codebook._nearest_two(x, embed)
+    assert torch.equal(codes, dense.argmin(-1))  # argmin: first index on ties
+    assert torch.equal(codes, codebook._nearest(x, embed)[0])
+    top2 = dense.sort(-1).values
+    assert torch.equal(best, top2[..., 0]) and torch.equal(second, top2[..., 1])
+    assert (top2[..., 0] == top2[..., 1]).any()  # the data really has ties
+
+
+@pytest.mark.parametrize("num_groups", [1, 4])
+def test_pruned_lloyd_as_good_as_dense_lloyd_and_codes_nearest(num_groups):
+    """lloyd skips searches by the triangle inequality: the error of plain Lloyd from the same
+    seeds, and the codes it returns are the nearest codes of its centres."""
+    from astra.vq.codebook import _nearest, lloyd, lloyd_dense
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(num_groups, 3000, 3, generator=gen)
+    seeds = x[:, torch.randperm(3000, generator=gen)[:300]]  # (G, K, Dg)
+    centers, codes, dists = lloyd(x, seeds, 8)
+    _, ref_codes, ref_dists = lloyd_dense(x, seeds, 8)
+    torch.testing.assert_close(dists.sum(), ref_dists.sum(), rtol=2e-3, atol=0)
+    assert (codes == ref_codes).float().mean() > 0.95  # the same clustering, bar a few
+    nearest, nearest_dists = _nearest(x, centers)
+    # the search counts distances within 2^-13 (relative) as ties: the lower code wins
+    assert (codes == nearest).float().mean() > 0.999
+    torch.testing.assert_close(dists, nearest_dists, rtol=3e-4, atol=1e-6)
+
+
+def test_kmeans_init_returns_the_codes_encode_gives():
+    x, _ = clustered(3000, 8, num_clusters=40, seed=8, spread=0.5)
+    cb = GroupedCodebook(8, 2, 64)
+    codes = cb.kmeans_init_(x, num_iters=5, seed=0)
+    assert (codes == cb.encode(x)).float().mean() > 0.999
+    assert torch.equal(cb.cluster_size.sum(-1), torch.full((2,), 3000.0))
+
+
+def test_seeding_in_rounds_then_pruned_lloyd_as_good_as_old_path():
+    """New calibration path (k-means++ in 32 rounds + pruned Lloyd) against the old one
+    (one-at-a-time k-means++ + plain Lloyd) on the same data: no more than 5 % more error."""
+    from astra.vq.codebook import _kmeans_plus_plus, kmeans_plus_plus_rounds, lloyd, lloyd_dense
+
+    gen = torch.Generator().manual_seed(2)
+    blobs = torch.randn(64, 6, generator=gen) * 2.0  # an uneven mixture, like activations
+    weights = torch.rand(64, generator=gen) ** 3
+    pick = torch.multinomial(weights, 4096, replacement=True, generator=gen)
+    x = (blobs[pick] + 0.4 * torch.randn(4096, 6, generator=gen)).reshape(1, 4096, 6)
+    total = x.square().sum()
+    old = lloyd_dense(x, _kmeans_plus_plus(x, 256, torch.Generator().manual_seed(0)), 10)
+    new = lloyd(x, kmeans_plus_plus_rounds(x, 256, torch.Generator().manual_seed(0)), 10)
+    old_error, new_error = old[2].sum() / total, new[2].sum() / total
+    assert new_error <= 1.05 * old_error, (float(new_error), float(old_error))

@@ -142,7 +142,8 @@ def _add_quant_args(p: argparse.ArgumentParser, required: bool) -> None:
         "--kmeans-iters",
         type=int,
         default=20,
-        help="Lloyd iterations after k-means++ seeding (default 20)",
+        help="Lloyd iterations after k-means++ seeding, at most: they stop at a fixed point "
+        "(default 20)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from astra.bench import BENCH_METHODS, BenchConfig, run_bench, write_outputs
 from astra.cli.common import (
+    add_device_speeds_arg,
     add_dtype_arg,
     add_exchange_arg,
     add_model_arg,
@@ -30,6 +31,7 @@ examples:
   astra bench --model dinov2-s --tokens 1025 --devices 2,4 --bandwidths 10mbit,100mbit
   astra bench --mode processes --devices 2     # real processes (one core per device)
   astra bench --devices 2 --bandwidths 10mbit --methods single,astra --repeats 5
+  astra bench --devices 2 --device-speeds 1,0.5 --placement balanced --methods single,astra
 
 modes: `composed` runs every device's compute for real, one device at a time on one core
 (timed as CPU time), and composes the critical path with the link model: deterministic and
@@ -128,6 +130,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         help="ASTRA/SP wait for remote data before any attention",
     )
     add_exchange_arg(p)
+    add_device_speeds_arg(p)
     add_dtype_arg(p)
     add_search_arg(p)
     add_timeout_args(p, job=900.0)
@@ -294,4 +297,5 @@ def bench_config(args, bandwidths: tuple[float, ...], devices: tuple[int, ...]) 
         search=args.search,
         timeout_s=args.timeout,
         peer_timeout_s=args.peer_timeout,
+        device_speeds=args.device_speeds,
     )

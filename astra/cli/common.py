@@ -163,6 +163,34 @@ def add_loss_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
     )
 
 
+def speeds_arg(text: str) -> tuple[float, ...]:
+    """ "1,0.5" -> (1.0, 0.5); the values are checked by the configs (count, > 0, finite)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers like 1,0.5, got {text!r}"
+        ) from None
+
+
+def add_device_speeds_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device-speeds",
+        type=speeds_arg,
+        default=None,
+        metavar="S1,S2,...",
+        help="heterogeneous devices (paper App. D): each device's speed relative to one core "
+        "of this machine, one per device, e.g. 1,0.5 (device 1 half as fast). Emulated in the "
+        "composed mode only: every compute segment a device runs is measured on this core and "
+        "charged measured/speed (auto picks composed; --mode processes is refused, since fewer "
+        "threads than one cannot slow a process down and sleeping would idle the core where a "
+        "slow device computes). Under torchrun the real devices are as fast as they are and "
+        "the speeds only size the placement. The placement uses them: contiguous gives tokens "
+        "in proportion to speed, balanced sizes chunks for equal fitted cost / speed, random "
+        "draws in proportion, zigzag refuses them. The one-device reference runs at speed 1",
+    )
+
+
 def add_timeout_args(parser: argparse.ArgumentParser, job: float = 600.0) -> None:
     parser.add_argument(
         "--timeout",

@@ -7,6 +7,7 @@ import json
 import logging
 
 from astra.cli.common import (
+    add_device_speeds_arg,
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
@@ -32,6 +33,7 @@ examples:
   astra run --methods single,astra,sp-fp32,sp-fp16 --json run.json
   astra run --artefact ~/.cache/astra/artefacts/my-finetuned.safetensors
   astra run --devices 4 --dtype bfloat16      # every method in bf16 (AMX / AVX-512 BF16 CPUs)
+  astra run --device-speeds 1,0.5 --placement balanced   # device 1 half as fast (composed)
 
 Every method runs on the same input and the same emulated link in this one command, so the
 speed-ups it prints are measured side by side.
@@ -98,9 +100,10 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         "--placement",
         choices=PLACEMENTS,
         default="contiguous",
-        help="which tokens each device holds: contiguous equal chunks (default); balanced "
-        "(contiguous chunks sized for equal work from costs fitted on one measured pass: "
-        "later devices attend to more keys, earlier ones also encode; decoders only); "
+        help="which tokens each device holds: contiguous equal chunks (default; in proportion "
+        "to --device-speeds when given); balanced (contiguous chunks sized for equal work, or "
+        "equal work / speed, from costs fitted on one measured pass: later devices attend to "
+        "more keys, earlier ones also encode; decoders only); "
         "zigzag (chunks d and 2N-1-d: balances causal attention but every device then "
         "needs every other's codes, "
         "so no streaming benefit); random",
@@ -111,6 +114,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
         help="wait for remote codes before any attention (the paper's serial runtime)",
     )
     add_exchange_arg(p)
+    add_device_speeds_arg(p)
     p.add_argument(
         "--tables",
         action="store_true",
@@ -164,6 +168,7 @@ def run(args) -> int:
             parity=args.parity,
             dtype=args.dtype,
             search=args.search,
+            device_speeds=args.device_speeds,
         )
         if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
             summary = run_torchrun(config)
@@ -200,6 +205,10 @@ def print_summary(summary: dict) -> None:
     print(f"input   {summary['input']}")
     print(f"link    {bw:g} Mbit/s per device, {cfg['latency_ms']:g} ms one-way")
     print(f"dtype   {cfg.get('dtype', 'float32')} compute on every device")
+    if cfg.get("device_speeds"):
+        speeds = ",".join(f"{s:g}" for s in cfg["device_speeds"])
+        print(f"speeds  {speeds} (each device charged its measured compute / speed; "
+              f"placement {cfg['placement']})")  # fmt: skip
     if summary.get("artefact"):
         print(f"codes   {summary['artefact']}")
     if "prompt_tail" in summary:

@@ -12,6 +12,12 @@ Compute segments are timed as the worker thread's CPU time (time.thread_time): w
 intra-op thread per device that equals the wall time on an idle core, and unlike wall time it
 does not grow when other programs share the machine, so composed numbers are repeatable.
 
+Heterogeneous devices (paper App. D; `speeds`): a device of relative speed s is charged
+elapsed / s for every compute segment it runs (speed 0.5: twice its measured time). This is
+exactly a device that does the same work s times as fast, in every stage alike (linear layers,
+attention, the code search); a real slower CPU would differ in its cache and memory-bandwidth
+balance, which a uniform factor does not capture.
+
 What it does not model: contention between devices for memory bandwidth (each segment runs
 alone), and real transport overheads (serialisation, TCP). tests/test_lockstep.py holds it
 against real 2-process runs.
@@ -29,6 +35,7 @@ import torch
 
 from astra.net.comm import CommStats, PeerFailure, as_bytes, from_bytes
 from astra.net.link import LinkConfig, Uplink
+from astra.parallel.placement import check_device_speeds
 
 
 @dataclass
@@ -46,8 +53,18 @@ class _Collective:
 class LockstepGroup:
     """Shared state of N lockstep ranks: the baton, virtual clocks, messages in flight."""
 
-    def __init__(self, world_size: int, link: LinkConfig, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        world_size: int,
+        link: LinkConfig,
+        timeout_s: float = 600.0,
+        speeds: tuple[float, ...] | None = None,
+    ):
         self.world_size = world_size
+        # relative speed of each device: its measured compute is charged / speed
+        self.speeds = (
+            check_device_speeds(speeds, world_size) if speeds is not None else (1.0,) * world_size
+        )
         self.link = link
         self.timeout_s = timeout_s
         self.cond = threading.Condition()
@@ -125,7 +142,8 @@ class LockstepComm:
         self._segment_start = time.thread_time()
 
     def _charge_compute(self) -> None:
-        elapsed = time.thread_time() - self._segment_start
+        # measured on this core, then scaled to this device's speed (App. D heterogeneity)
+        elapsed = (time.thread_time() - self._segment_start) / self.group.speeds[self.rank]
         self.group.clock_s[self.rank] += elapsed
         self.group.compute_s[self.rank] += elapsed
 
@@ -275,13 +293,21 @@ def share_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def run_lockstep(fn, world_size: int, link: LinkConfig, args=(), timeout_s: float = 600.0):
+def run_lockstep(
+    fn,
+    world_size: int,
+    link: LinkConfig,
+    args=(),
+    timeout_s: float = 600.0,
+    speeds: tuple[float, ...] | None = None,
+):
     """Run fn(rank, world_size, comm, *args) for every rank in lockstep threads.
 
-    Returns (results per rank, virtual end time per rank in s, measured compute per rank in s).
+    Returns (results per rank, virtual end time per rank in s, compute per rank in s: measured,
+    divided by the rank's relative speed when `speeds` is given).
     torch uses one intra-op thread here so that a segment's time is one core's time.
     """
-    group = LockstepGroup(world_size, link, timeout_s)
+    group = LockstepGroup(world_size, link, timeout_s, speeds)
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import itertools
 import math
+import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import AstraModel
 from astra.storage import load_tensors, save_tensors
 from astra.tasks import SentenceEmbedding, Task
-from astra.vq.codebook import seed_codebooks
+from astra.vq.codebook import kmeans_plus_plus_rounds
 
 CHECKPOINT_KIND = "astra-finetune-checkpoint/1"
 
@@ -43,9 +44,12 @@ def calibrate_(
 ) -> dict:
     """Fit every codebook by K-means on its block's full-precision inputs, then the NAQ noise.
 
-    Returns per-block relative quantization error ||x - x_hat||^2 / ||x||^2 (one per codebook).
+    Returns per-block relative quantization error ||x - x_hat||^2 / ||x||^2 (one per codebook)
+    and the seconds of each stage: `activations` and `kmeans` (wall clock), and within K-means,
+    `seeding`, `lloyd` and `naq` summed over the codebooks (one worker process per core).
     """
     astra.eval()
+    t0 = time.perf_counter()
     batches = list(task.batches("train", num_sequences))
     recorded = astra.record_quant_inputs(
         lambda: [
@@ -59,24 +63,89 @@ def calibrate_(
          else s for s in parts]
         for parts in recorded
     ]  # fmt: skip
-    # k-means++ seeding of every codebook at once (its K sequential draws dominate otherwise)
-    codebooks = [c for q in astra.quantizers for c in q.codebooks]
-    seeds = iter(seed_codebooks(codebooks, [s for parts in recorded for s in parts], seed))
-    errors = []
-    bar = tqdm(total=len(codebooks), desc="k-means", disable=not progress)
-    for quantizer, parts in zip(astra.quantizers, recorded):
-        block_errors = []
-        for codebook, noise, samples in zip(quantizer.codebooks, quantizer.noises, parts):
-            codebook.kmeans_init_(samples, num_iters=kmeans_iters, seed=seed, seeds=next(seeds))
-            residual = samples - codebook.decode(codebook.encode(samples))
-            noise.reset_()
-            noise.fit_(residual)
-            block_errors.append(float(residual.square().sum() / samples.square().sum()))
+    t1 = time.perf_counter()
+    jobs = [
+        (codebook, samples)
+        for quantizer, parts in zip(astra.quantizers, recorded)
+        for codebook, samples in zip(quantizer.codebooks, parts)
+    ]
+    noises = [noise for quantizer in astra.quantizers for noise in quantizer.noises]
+    bar = tqdm(total=len(jobs), desc="k-means", disable=not progress)
+    workers = torch.get_num_threads()
+    fitted: list = [None] * len(jobs)
+    if workers > 1 and "fork" in mp.get_all_start_methods():
+        # A forked process per core, each with one intra-op thread (DataLoader's workers do the
+        # same): the searches are many small ops (1 MiB blocks), which OpenMP's threads made
+        # 20-40x slower on a busy 2-core machine, spinning while they wait for each other, and
+        # two Python threads 1.6x slower each (the GIL between ops). calibration.md.
+        # The forked workers inherit `jobs`; only indices and the results cross the pipes.
+        with mp.get_context("fork").Pool(
+            workers, initializer=_init_kmeans_worker, initargs=(jobs, kmeans_iters, seed)
+        ) as pool:
+            for i, result in pool.imap_unordered(_fit_kmeans_job, range(len(jobs))):
+                fitted[i] = result
+                bar.update()
+    else:
+        _init_kmeans_worker(jobs, kmeans_iters, seed, threads=None)
+        for i in range(len(jobs)):
+            fitted[i] = _fit_kmeans_job(i)[1]
             bar.update()
-        errors.append(block_errors)
+        _KMEANS_JOBS.clear()
     bar.close()
+    errors = []
+    naq_s = 0.0
+    for (codebook, samples), noise, (state, codes, _) in zip(jobs, noises, fitted):
+        t = time.perf_counter()
+        for name, value in state.items():
+            getattr(codebook, name).copy_(value)
+        # kmeans_init_'s codes are the samples' nearest codes: encode(samples), already made
+        residual = samples - codebook.decode(codes.long())
+        noise.reset_()
+        noise.fit_(residual)
+        naq_s += time.perf_counter() - t
+        errors.append(float(residual.square().sum() / samples.square().sum()))
+    flat_errors = iter(errors)
+    seconds = {"activations": t1 - t0, "kmeans": time.perf_counter() - t1}
+    for stage in ("seeding", "lloyd"):
+        seconds[stage] = sum(times[stage] for _, _, times in fitted)
+    seconds["naq"] = naq_s
     num_inputs = sum(len(next(iter(b.values()))) for b in batches)
-    return {"relative_error_per_block": errors, "num_inputs": num_inputs}
+    return {
+        "relative_error_per_block": [[next(flat_errors) for _ in parts] for parts in recorded],
+        "num_inputs": num_inputs,
+        "seconds": seconds,
+    }
+
+
+_KMEANS_JOBS: dict = {}  # calibrate_'s work, for its (forked) workers: set by the initializer
+
+
+def _init_kmeans_worker(jobs: list, kmeans_iters: int, seed: int, threads: int | None = 1):
+    _KMEANS_JOBS.update(jobs=jobs, kmeans_iters=kmeans_iters, seed=seed)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _fit_kmeans_job(i: int) -> tuple[int, tuple[dict, torch.Tensor, dict]]:
+    """K-means for codebook i of _KMEANS_JOBS: (i, (its buffers, the samples' codes, seconds))."""
+    codebook, samples = _KMEANS_JOBS["jobs"][i]
+    seed = _KMEANS_JOBS["seed"]
+    times = {}
+    t = time.perf_counter()
+    seeds = None
+    if samples.shape[0] >= codebook.config.codebook_size:  # else kmeans_init_ warns
+        x = codebook._to_groups(samples).contiguous()  # (G, N, Dg)
+        gen = torch.Generator().manual_seed(seed)  # the draws kmeans_init_ would make
+        seeds = kmeans_plus_plus_rounds(x, codebook.config.codebook_size, gen)
+    times["seeding"] = time.perf_counter() - t
+    t = time.perf_counter()
+    codes = codebook.kmeans_init_(
+        samples, num_iters=_KMEANS_JOBS["kmeans_iters"], seed=seed, seeds=seeds
+    )
+    times["lloyd"] = time.perf_counter() - t
+    small = torch.int16 if codebook.config.codebook_size <= 2**15 else torch.int32
+    return i, (dict(codebook.state_dict()), codes.to(small), times)
 
 
 @torch.no_grad()
