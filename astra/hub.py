@@ -371,6 +371,9 @@ def _file_stats(root: Path, files: list[Path]) -> dict[str, dict[str, int]]:
 @functools.lru_cache(maxsize=32)
 def _hash_weights(root: str, stats: tuple, progress: bool = False) -> str:
     """Checksum of the weight files under `root`; memoised by (path, size, mtime) of each."""
+    if not progress:  # no bar at all: tqdm's class lock is a multiprocessing semaphore, which
+        # an interrupted run would leave for the resource tracker to report
+        return _combine({rel: _sha256_file(Path(root) / rel) for rel, _, _ in stats})
     bar = tqdm(
         total=sum(size for _, size, _ in stats),
         desc=f"{Path(root).name}: hash weight files",
