@@ -159,18 +159,25 @@ def _read_rdb(d: Path, names) -> dict[str, object]:
     }
 
 
-def _austen_data_dir() -> Path:
-    """Folder holding Rdata.rdb/.rdx: $ASTRA_AUSTEN_DIR, the deb extracted under
-    cache_dir()/data/janeaustenr, or the apt-installed R package."""
-    extracted = cache_dir() / "data" / "janeaustenr"
-    roots = _r_roots("ASTRA_AUSTEN_DIR", extracted, AUSTEN_R_DIR)
-    found = _find_r_data(roots, "janeaustenr")
+def _r_package_data_dir(env: str, package: str, installed: Path, what: str, hint: str) -> Path:
+    """Folder holding an R package's Rdata.rdb/.rdx: $`env`, the deb extracted under
+    cache_dir()/data/`package`, or the apt-installed package; else a DataNotFoundError naming
+    every place looked and how to get it."""
+    extracted = cache_dir() / "data" / package
+    roots = _r_roots(env, extracted, installed)
+    found = _find_r_data(roots, package)
     if found is None:
         raise DataNotFoundError(
-            f"Jane Austen novels not found (looked in {', '.join(map(str, roots))}); "
-            + _AUSTEN_HINT.format(dest=extracted)
+            f"{what} not found (looked in {', '.join(map(str, roots))}); "
+            + hint.format(dest=extracted)
         )
     return found
+
+
+def _austen_data_dir() -> Path:
+    return _r_package_data_dir(
+        "ASTRA_AUSTEN_DIR", "janeaustenr", AUSTEN_R_DIR, "Jane Austen novels", _AUSTEN_HINT
+    )
 
 
 def _read_austen_rdb(d: Path) -> dict[str, str]:
@@ -272,17 +279,9 @@ _MOBY_DICK_HINT = (
 
 
 def _moby_dick_data_dir() -> Path:
-    """Folder holding tokenizers' Rdata.rdb/.rdx: $ASTRA_MOBY_DICK_DIR, the deb extracted
-    under cache_dir()/data/tokenizers, or the apt-installed R package."""
-    extracted = cache_dir() / "data" / "tokenizers"
-    roots = _r_roots("ASTRA_MOBY_DICK_DIR", extracted, MOBY_DICK_R_DIR)
-    found = _find_r_data(roots, "tokenizers")
-    if found is None:
-        raise DataNotFoundError(
-            f"Moby-Dick not found (looked in {', '.join(map(str, roots))}); "
-            + _MOBY_DICK_HINT.format(dest=extracted)
-        )
-    return found
+    return _r_package_data_dir(
+        "ASTRA_MOBY_DICK_DIR", "tokenizers", MOBY_DICK_R_DIR, "Moby-Dick", _MOBY_DICK_HINT
+    )
 
 
 def strip_gutenberg(text: str) -> str:

@@ -31,7 +31,7 @@ from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.simulate import apply_astra
-from astra.parallel.train import calibrate_, evaluate
+from astra.parallel.train import calibrate_, evaluate, subsample
 from astra.provenance import provenance
 from astra.storage import write_json
 from astra.tasks import TaskConfig, make_task
@@ -50,12 +50,7 @@ def old_calibrate_(astra, task, *, num_sequences, max_samples, kmeans_iters, see
             for b in batches
         ]
     )
-    gen = torch.Generator().manual_seed(seed)
-    recorded = [
-        [s[torch.randperm(s.shape[0], generator=gen)[:max_samples]] if s.shape[0] > max_samples
-         else s for s in parts]
-        for parts in recorded
-    ]  # fmt: skip
+    recorded = subsample(recorded, max_samples, seed)
     t1 = time.perf_counter()
     codebooks = [c for q in astra.quantizers for c in q.codebooks]
     seeds = iter(seed_codebooks(codebooks, [s for parts in recorded for s in parts], seed))

@@ -191,6 +191,15 @@ def test_astra_with_exact_codes_equals_one_device(family_dir, point):
     torch.testing.assert_close(out, model(ids), rtol=0, atol=ATOL_EXACT)
 
 
+def _calibrate_(astra, x) -> None:
+    """Training-free codebooks from the model's own activations on x (3 Lloyd iterations)."""
+    for quantizer, parts in zip(
+        astra.quantizers, astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
+    ):
+        for codebook, samples in zip(quantizer.codebooks, parts):
+            codebook.kmeans_init_(samples, num_iters=3, seed=0)
+
+
 def _lockstep(astra, x, num_devices, method, kind="contiguous", exchange="auto", loss=None):
     seq = build_sequence_layout(x.shape[1], PlacementConfig(num_devices, kind=kind), "none")
 
@@ -217,11 +226,7 @@ def test_runtime_equals_one_device_at_full_precision_and_the_simulation_with_cod
     astra = apply_astra(
         copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
     )
-    for quantizer, parts in zip(
-        astra.quantizers, astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
-    ):
-        for codebook, samples in zip(quantizer.codebooks, parts):
-            codebook.kmeans_init_(samples, num_iters=3, seed=0)
+    _calibrate_(astra, x)
     reference = astra.forward_hidden(x, None)  # the base model's own blocks
     simulated = astra.forward_hidden(x, PlacementConfig(3, kind=kind))
     for method, expected, atol in (("sp-fp32", reference, ATOL_EXACT),
@@ -248,11 +253,7 @@ def test_lost_packets_of_a_windowed_model_are_the_same_in_simulation_and_runtime
     astra = apply_astra(
         copy.deepcopy(model), AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
     )
-    for quantizer, parts in zip(
-        astra.quantizers, astra.record_quant_inputs(lambda: astra.forward_hidden(x, None))
-    ):
-        for codebook, samples in zip(quantizer.codebooks, parts):
-            codebook.kmeans_init_(samples, num_iters=3, seed=0)
+    _calibrate_(astra, x)
     # 16 bits per token: packets of 2 tokens
     loss = PacketChannel(LossModel(0.3, seed=3), PacketFormat(mtu=HEADER.size + 4))
     simulated = astra.forward_hidden(x, PlacementConfig(3), loss=loss)

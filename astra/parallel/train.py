@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from astra.net.packets import PacketChannel, input_seed
@@ -32,6 +33,17 @@ CHECKPOINT_KIND = "astra-finetune-checkpoint/1"
 
 
 @torch.no_grad()
+def subsample(recorded: list[list[Tensor]], max_samples: int, seed: int) -> list[list[Tensor]]:
+    """At most `max_samples` random rows of every recorded (N, width) tensor (per block, per
+    codebook), drawn from one seeded generator in block order: the calibration data."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [s[torch.randperm(s.shape[0], generator=gen)[:max_samples]] if s.shape[0] > max_samples
+         else s for s in parts]
+        for parts in recorded
+    ]  # fmt: skip
+
+
 def calibrate_(
     astra: AstraModel,
     task: Task,
@@ -57,12 +69,7 @@ def calibrate_(
             for b in tqdm(batches, desc="activations", disable=not progress)
         ]
     )
-    gen = torch.Generator().manual_seed(seed)
-    recorded = [
-        [s[torch.randperm(s.shape[0], generator=gen)[:max_samples]] if s.shape[0] > max_samples
-         else s for s in parts]
-        for parts in recorded
-    ]  # fmt: skip
+    recorded = subsample(recorded, max_samples, seed)
     t1 = time.perf_counter()
     jobs = [
         (codebook, samples)

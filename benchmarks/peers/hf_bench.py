@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from timing import decode_record  # benchmarks/peers/timing.py, beside this script
 from transformers import Dinov2Model, LlamaForCausalLM
 
 from astra.storage import write_json
@@ -47,13 +48,7 @@ def decoder_pass(model, ids: torch.Tensor, new_tokens: int) -> dict:
         token = out.logits[0, -1].argmax()
         generated.append(int(token))
     t2, c2 = time.perf_counter(), time.thread_time()
-    return {
-        "prefill_ms": (t1 - t0) * 1e3,
-        "tpot_ms": (t2 - t1) * 1e3 / max(new_tokens - 1, 1),
-        "prefill_cpu_ms": (c1 - c0) * 1e3,
-        "tpot_cpu_ms": (c2 - c1) * 1e3 / max(new_tokens - 1, 1),
-        "generated_ids": generated,
-    }
+    return decode_record((t0, c0), (t1, c1), (t2, c2), new_tokens, generated)
 
 
 @torch.inference_mode()

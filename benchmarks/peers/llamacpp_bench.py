@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import decode_record  # benchmarks/peers/timing.py, beside this script
 
 
 def one_pass(llm, ids: list[int], new_tokens: int) -> dict:
@@ -47,13 +48,7 @@ def one_pass(llm, ids: list[int], new_tokens: int) -> dict:
         token = argmax_last()
         generated.append(token)
     t2, c2 = time.perf_counter(), time.thread_time()
-    return {
-        "prefill_ms": (t1 - t0) * 1e3,
-        "tpot_ms": (t2 - t1) * 1e3 / max(new_tokens - 1, 1),
-        "prefill_cpu_ms": (c1 - c0) * 1e3,
-        "tpot_cpu_ms": (c2 - c1) * 1e3 / max(new_tokens - 1, 1),
-        "generated_ids": generated,
-    }
+    return decode_record((t0, c0), (t1, c1), (t2, c2), new_tokens, generated)
 
 
 def summary(passes: list[dict]) -> dict:
