@@ -37,6 +37,7 @@ from astra.models import (
     model_kind,
     num_input_tokens,
 )
+from astra.models.quantize import store_weights_
 from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig
@@ -112,6 +113,7 @@ class RunConfig:
     parity: int = 1  # lossy link: one XOR parity packet per this many data packets (0: none)
     prompt: str | None = None  # decoders: text to continue (default: Austen, `tokens` long)
     dtype: str = "float32"  # compute precision of every method, one of DTYPES
+    weights: str = "full"  # how the blocks' weights are stored (full, int8, int4)
     search: str = "auto"  # ASTRA senders' nearest-code search precision, one of SEARCHES
     # heterogeneous devices (paper App. D): relative speed per device (1 = this machine's core,
     # 0.5 = half as fast), None = equal. The composed mode charges each device its measured
@@ -166,6 +168,7 @@ class RunConfig:
                 search=self.search,
             ),
             dtype=self.dtype,
+            weights=self.weights,
             placement=self.placement,
             exchange=self.exchange,
             remote_cache=self.remote_cache,
@@ -231,6 +234,7 @@ class Job:
     pp_chunks: int = 4  # pipeline parallelism: sequence chunks (decoders; encoders use 1)
     bp_syncs: int = 1  # block parallelism: synchronisations Nb
     dtype: str = "float32"  # compute precision (DTYPES); codebooks stay float32
+    weights: str = "full"  # how the blocks' weights are stored (astra.models.quantize.WEIGHTS)
     search: str = "auto"  # ASTRA senders' nearest-code search (SEARCHES)
     peer_timeout_s: float = 30.0  # one collective: a frozen peer is named after this long
     # composed mode: each rank's measured compute is charged / its speed (emulated
@@ -275,6 +279,7 @@ def job_for(
         loss_rate=config.loss_rate,
         parity=config.parity,
         dtype=config.dtype,
+        weights=config.weights,
         search=config.search,
         device_speeds=speeds,
     )
@@ -314,6 +319,7 @@ def _load(job: Job):
         quantizers = astra.quantizers
         model = astra.model
     to_compute_dtype_(model, check_dtype(job.dtype))
+    store_weights_(model, job.weights)  # after any fine-tuned weights went in
     return model, quantizers
 
 
@@ -607,6 +613,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         dtype=job.dtype,
         search=job.search,
         prompt_tokens=num_input_tokens(job.model_dir, job.inputs),
+        weights=job.weights,
     ).to_dict()
     if job.device_speeds is not None:
         record["device_speeds"] = list(job.device_speeds)

@@ -10,6 +10,7 @@ atol 1e-3 (bf16 activations round differently on different shapes).
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from astra.models.quantize import (
     unpack_int4,
     weight_bytes,
 )
+from astra.sampling import Sampling
 
 
 @pytest.mark.parametrize("bits,max_rel", [(8, 0.01), (4, 0.15)])
@@ -90,3 +92,55 @@ def test_astra_on_a_quantized_model_matches_its_simulation():
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, simulated[:, idx], rtol=0, atol=1e-3)
+
+
+def test_store_weights_names_the_choices():
+    from astra.models.quantize import store_weights_
+    from astra.runner import RunConfig
+
+    with pytest.raises(ValueError, match=r"'int2' is not one of \('full', 'int8', 'int4'\)"):
+        store_weights_(nn.Sequential(), "int2")
+    with pytest.raises(ValueError, match="weights 'int3' is not one of"):
+        RunConfig(weights="int3")
+
+
+def test_a_group_stores_the_weights_it_is_asked_for(tiny_llama_dir):
+    """GroupConfig.weights: the workers' one-device scores are an in-process model's quantized
+    the same way, not full precision's; ASTRA runs on the 4-bit model and reports it."""
+    from astra.group import Group, GroupConfig, LinkConfig
+    from astra.models import load_model
+    from astra.tasks import TaskConfig, make_task
+
+    def nll(model, ids) -> float:
+        task = make_task(model, tiny_llama_dir, TaskConfig(seq_len=48))
+        with torch.no_grad():
+            return task.score(model(ids), None, {"input_ids": ids})[0]
+
+    full = load_model(tiny_llama_dir)
+    ids = make_task(full, tiny_llama_dir, TaskConfig(seq_len=48)).token_blocks("test", 1)
+    quantized = quantize_weights_(load_model(tiny_llama_dir), 4)
+    config = GroupConfig(model=str(tiny_llama_dir), devices=2, methods=("single", "astra"),
+                         link=LinkConfig(), weights="int4", warmup_tokens=16, peer_timeout_s=20)
+    with Group(config) as group:
+        single = group.score(ids[0].tolist(), method="single")
+        astra = group.score(ids[0].tolist(), method="astra")
+        out = group.generate(ids[0, :20].tolist(), Sampling(max_tokens=3, temperature=0.0),
+                             method="astra")
+    # the workers' NLL is the 4-bit model's, ten times closer to it than to full precision's
+    # (near-uniform logits of a random model: 4 bits move the NLL sum by about 3e-4 relative)
+    moved = abs(nll(full, ids) - nll(quantized, ids))
+    assert moved > 0 and abs(single.nll_sum - nll(quantized, ids)) < 0.1 * moved
+    assert astra.num_predicted == 47 and math.isfinite(astra.perplexity)
+    assert out.record.weights == "int4" and len(out.token_ids) == 3
+
+
+def test_run_with_8_bit_weights_reports_them(tiny_llama_dir, tmp_path, monkeypatch):
+    from astra import runner
+    from astra.runner import RunConfig, run_inference
+
+    monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
+    config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=3,
+                       methods=("single", "astra"), mode="composed", weights="int8")
+    summary = run_inference(config, progress=False, log=lambda m: None)
+    assert {r["weights"] for r in summary["records"]} == {"int8"}
+    assert all(len(r["generated_ids"]) == 3 for r in summary["records"])

@@ -16,6 +16,7 @@ from astra.cli.common import (
     add_quant_args,
     add_search_arg,
     add_timeout_args,
+    add_weights_arg,
     fail,
     positive_int,
     user_errors,
@@ -33,6 +34,7 @@ examples:
   astra run --methods single,astra,sp-fp32,sp-fp16 --json run.json
   astra run --artefact ~/.cache/astra/artefacts/my-finetuned.safetensors
   astra run --devices 4 --dtype bfloat16      # every method in bf16 (AMX / AVX-512 BF16 CPUs)
+  astra run --weights int8                    # 8-bit weights: smaller, faster decoding
   astra run --device-speeds 1,0.5 --placement balanced   # device 1 half as fast (composed)
 
 Every method runs on the same input and the same emulated link in this one command, so the
@@ -132,6 +134,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     add_loss_args(p)
     add_timeout_args(p)
     add_dtype_arg(p)
+    add_weights_arg(p)
     add_search_arg(p)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(runner=run)
@@ -167,6 +170,7 @@ def run(args) -> int:
             loss_rate=args.loss,
             parity=args.parity,
             dtype=args.dtype,
+            weights=args.weights,
             search=args.search,
             device_speeds=args.device_speeds,
         )
@@ -205,6 +209,8 @@ def print_summary(summary: dict) -> None:
     print(f"input   {summary['input']}")
     print(f"link    {bw:g} Mbit/s per device, {cfg['latency_ms']:g} ms one-way")
     print(f"dtype   {cfg.get('dtype', 'float32')} compute on every device")
+    if cfg.get("weights", "full") != "full":
+        print(f"weights {cfg['weights']} (weight-only, the blocks' linear layers)")
     if cfg.get("device_speeds"):
         speeds = ",".join(f"{s:g}" for s in cfg["device_speeds"])
         print(f"speeds  {speeds} (each device charged its measured compute / speed; "

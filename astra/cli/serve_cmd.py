@@ -17,6 +17,7 @@ from astra.cli.common import (
     add_model_arg,
     add_quant_args,
     add_search_arg,
+    add_weights_arg,
     fail,
     positive_int,
     seconds_arg,
@@ -90,6 +91,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     add_link_args(p)
     add_quant_args(p)
     add_dtype_arg(p)
+    add_weights_arg(p)
     add_search_arg(p)
     p.add_argument("--placement", choices=PLACEMENTS, default="contiguous", help="see astra run")
     add_exchange_arg(p)
@@ -164,6 +166,7 @@ def run(args) -> int:
                 search=args.search,
             ),
             dtype=args.dtype,
+            weights=args.weights,
             placement=args.placement,
             exchange=args.exchange,
             remote_cache=args.remote_cache,

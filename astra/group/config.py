@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from astra.methods import GENERATING_METHODS
+from astra.models.quantize import WEIGHTS
 from astra.net.link import LinkConfig
 from astra.parallel.config import QUANT_POINTS
 from astra.parallel.placement import PlacementConfig
@@ -67,6 +68,9 @@ class GroupConfig:
     link: LinkConfig = field(default_factory=lambda: LinkConfig(10.0, 20.0))
     quant: QuantConfig = field(default_factory=QuantConfig)
     dtype: str = "float32"
+    # how each device stores its blocks' weights: "full" (as --dtype), "int8" or "int4"
+    # (weight-only, astra.models.quantize: smaller and faster decoding; the paper's Table 5)
+    weights: str = "full"
     placement: str = "contiguous"
     exchange: str = "auto"  # how codes travel (astra.parallel.runtime.EXCHANGES)
     # decoding: remote K/V rebuilt once ("rebuilt", as fast as one device per step) or kept
@@ -100,6 +104,8 @@ class GroupConfig:
             object.__setattr__(self, "methods", tuple(self.methods) + (self.method,))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights {self.weights!r} is not one of {tuple(WEIGHTS)}")
         PlacementConfig(self.devices, kind=self.placement)  # validates the kind
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")

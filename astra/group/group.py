@@ -191,6 +191,7 @@ class Group:
             overlap=c.overlap,
             use_tables=c.use_tables,
             dtype=c.dtype,
+            weights=c.weights,
             search=c.quant.search,
             peer_timeout_s=c.peer_timeout_s,
             warmup_inputs=self._warmup_inputs(),
@@ -636,6 +637,7 @@ class Group:
             dtype=self.config.dtype,
             search=self.config.quant.search,
             prompt_tokens=prompt_tokens,
+            weights=self.config.weights,
         )
         record.degraded = self.degraded
         first = next((r for r in taking_part if "generated" in r), None)

@@ -19,6 +19,7 @@ class RequestRecord:
     tpot_ms: float | None  # time per output token after the first (decoders)
     prompt_tokens: int
     completion_tokens: int = 0
+    weights: str = "full"  # how the blocks' weights are stored: full, int8, int4
     queue_ms: float = 0.0  # waiting for the group before this request started
     total_ms: float = 0.0  # start to last token (excludes queue_ms)
     compute_ms_per_device: list[float] = field(default_factory=list)  # prefill, per device
@@ -52,6 +53,7 @@ def record_from_ranks(
     dtype: str,
     search: str | None,
     prompt_tokens: int,
+    weights: str = "full",
 ) -> RequestRecord:
     """Fold every participating device's statistics (runner/worker dicts) into one record."""
     comm = [r["comm"] for r in results]
@@ -63,6 +65,7 @@ def record_from_ranks(
         mode=mode,
         dtype=dtype,
         search=search if method == "astra" else None,
+        weights=weights,
         # decoders: the device that drew the first token; encoders: the last device done
         ttft_ms=max(r["ttft_ms"] for r in results if "ttft_ms" in r)
         if any("ttft_ms" in r for r in results)

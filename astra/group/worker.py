@@ -25,6 +25,7 @@ from torch import nn
 
 from astra.group.config import DTYPES
 from astra.models import KVCache, load_model
+from astra.models.quantize import store_weights_
 from astra.net.comm import Communicator
 from astra.net.link import LinkConfig
 from astra.net.packets import PacketChannel, request_seed
@@ -70,6 +71,7 @@ class WorkerSpec:
     overlap: bool
     use_tables: bool
     dtype: str
+    weights: str  # how the blocks' weights are stored (astra.models.quantize.WEIGHTS)
     search: str
     peer_timeout_s: float
     warmup_inputs: dict  # a short input of the model's kind, for the untimed warm-up passes
@@ -109,6 +111,7 @@ class RankState:
                     self.base = load_model(spec.model_dir)  # checkpoint's own
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
             to_compute_dtype_(m, DTYPES[spec.dtype])
+            store_weights_(m, spec.weights)
         search = search_dtype(spec.search)
         self.codecs = {
             method: make_codecs(method, self.quantizers, spec.use_tables, search)

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 BITS = (8, 4)
+# how a device stores its blocks' weights: the user's --weights choice -> bits (None: as loaded)
+WEIGHTS = {"full": None, "int8": 8, "int4": 4}
 DENSE_ROWS = 32  # more rows than this: dequantize and use a dense matmul
 
 
@@ -131,6 +133,15 @@ def quantize_weights_(model: nn.Module, bits: int, group_size: int = 64) -> nn.M
                 if isinstance(child, nn.Linear):
                     setattr(module, child_name, QuantizedLinear(child, bits, group_size))
     return model
+
+
+def store_weights_(model: nn.Module, weights: str) -> nn.Module:
+    """The model's blocks stored as `weights` (one of WEIGHTS), in place. Already quantized
+    layers are left as they are, so composed-mode ranks sharing one model can each ask."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r} is not one of {tuple(WEIGHTS)}")
+    bits = WEIGHTS[weights]
+    return model if bits is None else quantize_weights_(model, bits)
 
 
 def weight_bytes(model: nn.Module) -> int:
