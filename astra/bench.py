@@ -198,7 +198,23 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
                 # noise only ever slows a pass down: the fastest pass of each is the least
                 # disturbed one, and their ratio the conservative figure when singles drift
                 r["speedup_best"] = round(min(single["repeats_ms"]) / min(r["repeats_ms"]), 4)
+            if single:  # splitting's overhead: every device's compute over one device's
+                r["work_vs_single"] = round(
+                    sum(r["compute_ms_per_device"]) / sum(single["compute_ms_per_device"]), 4
+                )
     return records
+
+
+def work_breakdown(results: list[dict]) -> dict[str, float]:
+    """Each stage's time summed over every device, waits left out: where the work of splitting
+    goes (the senders' code search, rebuilding remote keys/values, split attention), to set
+    against one device's whole pass. Empty for methods without per-stage timers."""
+    total: dict[str, float] = {}
+    for r in results:
+        for stage, ms in r.get("breakdown_ms", {}).items():
+            if stage != "wait":
+                total[stage] = total.get(stage, 0.0) + ms
+    return {k: round(v, 2) for k, v in total.items()}
 
 
 def _median_record(runs: list[dict]) -> dict:
@@ -347,6 +363,7 @@ def _record(config, job, world, tokens, bw, results, family, astra_config, decod
         "compute_ms_per_device": [
             round(r["prefill_ms"] - c["comm_ms"], 2) for r, c in zip(results, prefill)
         ],
+        "work_breakdown_ms": work_breakdown(results),
         "placement_cost": results[0].get("placement_cost"),  # balanced: the fitted costs
         "exchange": (
             resolve_exchange(config.exchange, decoder)
@@ -385,14 +402,14 @@ def markdown_table(records: list[dict], command: str) -> str:
         f"Command: `{command}`",
         "",
         "| method | devices | tokens | Mbit/s | latency ms | total ms | compute ms | "
-        "comm ms | bytes/device | speed-up vs single | per repeat | best/best |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "comm ms | bytes/device | speed-up vs single | per repeat | best/best | work/1 dev |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "skipped" in r:
             lines.append(
                 f"| {r['method']} | {r['devices']} | {r['tokens']} | "
-                f"{r['bandwidth_mbps']:g} | - | skipped: {r['skipped']} |||||||"
+                f"{r['bandwidth_mbps']:g} | - | skipped: {r['skipped']} ||||||||"
             )
             continue
         name = r["method"] + (" (changes the model)" if r["changes_model"] else "")
@@ -401,12 +418,14 @@ def markdown_table(records: list[dict], command: str) -> str:
         speed = r["speedup_vs_single"]
         per_repeat = " / ".join(f"{x:.2f}" for x in r.get("speedup_per_repeat") or []) or "-"
         best = r.get("speedup_best")
+        work = r.get("work_vs_single")
         lines.append(
             f"| {name} | {r['devices']} | {r['tokens']} | {r['bandwidth_mbps']:g} | "
             f"{r['latency_ms']:g} | {r['total_ms']:.1f} | {r['compute_ms']:.1f} | "
             f"{r['comm_ms']:.1f} | {r['bytes_per_device']:,} | "
             f"{'-' if speed is None else f'{speed:.2f}x'} | {per_repeat} | "
-            f"{'-' if best is None else f'{best:.2f}x'} |"
+            f"{'-' if best is None else f'{best:.2f}x'} | "
+            f"{'-' if work is None else f'{work:.3f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from astra.bench import BenchConfig, run_bench, write_outputs
 
 
@@ -36,6 +38,16 @@ def test_bench_records_outputs_and_bytes(tiny_llama_dir, tmp_path):
     assert rows[("sp-fp32", 2)]["bytes_per_device"] == 2 * 32 * 64 * 4
     assert rows[("bp", 2)]["changes_model"] and not rows[("tp", 2)]["changes_model"]
     assert rows[("single", 1)]["speedup_vs_single"] == 1.0
+    # the work of splitting: every device's compute over one device's, stage by stage
+    astra, single = rows[("astra", 2)], rows[("single", 1)]
+    assert astra["work_vs_single"] == round(
+        sum(astra["compute_ms_per_device"]) / single["compute_ms_per_device"][0], 4
+    )
+    assert {"project", "encode", "local_attention", "rebuild_remote", "remote_attention",
+            "mlp_and_rest"} <= set(astra["work_breakdown_ms"])
+    assert "wait" not in astra["work_breakdown_ms"] and single["work_breakdown_ms"] == {}
+    assert sum(astra["work_breakdown_ms"].values()) == pytest.approx(
+        sum(astra["compute_ms_per_device"]), rel=0.2)
     paths = write_outputs(records, tmp_path, "astra bench --test", config)
     meta = json.loads(paths[0].read_text())
     assert meta["command"] == "astra bench --test" and len(meta["records"]) == 6
