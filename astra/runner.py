@@ -60,6 +60,7 @@ from astra.parallel.passes import (
     encoder_output,
     pool_output,
     search_dtype,
+    search_name,
     stage_breakdown,
     to_compute_dtype_,
 )
@@ -611,7 +612,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         results,
         mode=mode if job.method != "single" else "processes",
         dtype=job.dtype,
-        search=job.search,
+        search=search_name(job.search, job.dtype),
         prompt_tokens=num_input_tokens(job.model_dir, job.inputs),
         weights=job.weights,
     ).to_dict()

@@ -18,6 +18,7 @@ from pathlib import Path
 from astra.cli.common import (
     add_force_arg,
     add_loss_args,
+    add_search_arg,
     fail,
     int_list,
     positive_int,
@@ -336,6 +337,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="decoders: score ASTRA through N real worker processes (astra.group.Group) "
         "instead of the single-process simulation",
     )
+    add_search_arg(p)
     add_loss_args(p, many=True)
     p.set_defaults(runner=run_eval)
     return p
@@ -733,7 +735,9 @@ def eval_command(args) -> dict:
     from astra.net.packets import PacketChannel
     from astra.parallel.artefact import read_artefact
     from astra.parallel.config import AstraConfig
+    from astra.parallel.passes import search_dtype, search_name
     from astra.parallel.placement import PlacementConfig
+    from astra.parallel.quantizer import set_search_
     from astra.parallel.simulate import apply_astra
     from astra.parallel.train import evaluate
 
@@ -780,6 +784,7 @@ def eval_command(args) -> dict:
     for path, blob in zip(args.artefacts, blobs):
         astra = apply_astra(load_model(model_dir), AstraConfig(**blob["config"]))
         astra.quantizers.load_state_dict(blob["quantizers"])
+        set_search_(astra.quantizers, search_dtype(args.search))  # as the runtime's senders
         if blob.get("model_weights") is not None:
             astra.model.load_state_dict(blob["model_weights"])
         probe_state = blob.get("extra", {}).get("probe")
@@ -812,6 +817,7 @@ def eval_command(args) -> dict:
                     "metric": metric,
                     "head": head,
                     "runtime": "processes" if args.runtime else "simulation",
+                    "search": search_name(args.search, "float32"),
                     "loss": rate,
                     "parity": args.parity if rate > 0 else None,
                 }
@@ -856,7 +862,7 @@ def _runtime_perplexity(
         method="astra",
         methods=("astra",),
         link=link,  # accuracy depends only on what the link loses
-        quant=QuantConfig(artefact=str(artefact)),
+        quant=QuantConfig(artefact=str(artefact), search=args.search),
         peer_timeout_s=120.0,
         reform=False,  # a score computed on fewer devices would be another row
     )

@@ -102,6 +102,14 @@ class BlockQuantizer(nn.Module):
         return k_hat, v_hat, loss
 
 
+def set_search_(quantizers, search_dtype: torch.dtype | None) -> None:
+    """Every codebook of `quantizers` searches in `search_dtype` when not told otherwise: the
+    simulation then picks the codes the runtime's senders pick (astra.parallel.passes)."""
+    for quantizer in quantizers:
+        for codebook in quantizer.codebooks:
+            codebook.search_dtype = search_dtype
+
+
 def _merge_heads(t: Tensor) -> Tensor:
     b, h, n, hd = t.shape
     return t.transpose(1, 2).reshape(b, n, h * hd)  # (B, H, T, hd) -> (B, T, H*hd)

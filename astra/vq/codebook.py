@@ -198,6 +198,9 @@ class GroupedCodebook(nn.Module):
         self.register_buffer("cluster_size", torch.ones(shape[:2]))
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(False))
+        # the search `encode` runs when not told (None: by the input's dtype); a setting, not
+        # state: `astra eval --search` sets it so the simulation searches as the runtime does
+        self.search_dtype: torch.dtype | None = None
 
     @classmethod
     def from_config(cls, config: CodebookConfig) -> GroupedCodebook:
@@ -228,13 +231,16 @@ class GroupedCodebook(nn.Module):
     def encode(self, x: Tensor, search_dtype: torch.dtype | None = None) -> Tensor:
         """x (..., D) -> codes (..., G) int64 in [0, K): nearest code per group (squared L2).
 
-        `search_dtype` None: float32 distances, except for bfloat16 inputs (a model running in
-        bf16). With bfloat16 the dot products with the codes run in bf16, where AMX and tensor
-        cores are several times faster, and only the comparison in float32 (`_nearest_bf16`).
-        On SmolLM2's keys and values that changes 5.6 % of the codes to an almost equally near
-        one and raises the quantization error by 0.17 %; the sender's choice never reaches the
+        `search_dtype` None: the codebook's `search_dtype` setting, and if that is None too,
+        float32 distances except for bfloat16 inputs (a model running in bf16). With bfloat16
+        the dot products with the codes run in bf16, where AMX, AVX-512 BF16 and tensor cores
+        are several times faster, and only the comparison in float32 (`_nearest_bf16`). On
+        SmolLM2's keys and values that changes 5.6 % of the codes to an almost equally near one
+        and raises the quantization error by 0.17 %; the sender's choice never reaches the
         receiver, which decodes whatever codes arrive.
         """
+        if search_dtype is None:
+            search_dtype = self.search_dtype
         if search_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"search_dtype must be None, float32 or bfloat16, got {search_dtype}")
         if search_dtype is None:
