@@ -141,7 +141,11 @@ def test_bfloat16_encode_is_nearly_nearest_and_decodes_symmetrically(num_groups,
         # bf16 dot products: a code may lose to one within a few bf16 ulps of |x||e|, no more
         assert torch.all(chosen - best <= 2e-2 * (1 + best))
         assert (chosen - best).sum() <= 2e-3 * best.sum()  # total error: +0.2 % at most
-    assert (codes == exact).float().mean() > 0.9
+    # the exact re-rank of the bf16 pass's two best candidates finds the nearest code almost
+    # always; the bf16 pass alone misses it on about 1 % of these rows
+    assert (codes == exact).float().mean() > 0.999
+    first_pass = codebook._nearest_bf16(cb._to_groups(x, torch.bfloat16), cb.embed, rerank=1).t()
+    assert (first_pass == exact).float().mean() < (codes == exact).float().mean()
     # what is sent is what is decoded, whatever the search precision
     x_q, fwd_codes, _ = cb(x)
     assert torch.equal(fwd_codes, codes) and torch.equal(x_q, cb.decode(codes, torch.bfloat16))

@@ -127,22 +127,37 @@ def _nearest(x: Tensor, embed: Tensor) -> tuple[Tensor, Tensor]:
     return codes, dists
 
 
-def _nearest_bf16(x: Tensor, embed: Tensor) -> Tensor:
+def _nearest_bf16(x: Tensor, embed: Tensor, exact: Tensor | None = None, rerank: int = 2) -> Tensor:
     """x (G, M, Dg) bfloat16, embed (G, K, Dg) float32 -> codes (G, M) int64.
 
-    argmin ||x - e||^2 = argmax (x e^T - ||e||^2 / 2): the matmul in bf16 (its output rounded
-    to bf16, about 3 significant digits of each dot product), the subtraction and the arg-max
-    in float32. Chunked over M like _nearest.
+    A cheap first pass and an exact second: argmin ||x - e||^2 = argmax (x e^T - ||e||^2 / 2)
+    with the matmul in bf16 (its output rounded to bf16, about 3 significant digits of each dot
+    product) and the subtraction in float32 picks each row's `rerank` best candidates, which
+    are then ranked by their exact float32 distance to `exact` (x in float32; default x). The
+    bf16 pass alone (rerank=1) misses the nearest code on about 6 % of SmolLM2's rows; among
+    its two best it almost never does. Chunked over M like _nearest.
     """
-    num_groups, num_tokens, _ = x.shape
+    num_groups, num_tokens, group_dim = x.shape
     size = embed.shape[1]
+    rerank = min(rerank, size)
     e_half = 0.5 * embed.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K) float32
     e_t = embed.transpose(1, 2).to(torch.bfloat16)  # (G, Dg, K)
     step = max(1, _DIST_CHUNK_ELEMENTS // (num_groups * size))
     codes = torch.empty(num_groups, num_tokens, dtype=torch.long, device=x.device)
     for start in range(0, num_tokens, step):
-        scores = torch.bmm(x[:, start : start + step], e_t).float()  # (G, m, K)
-        codes[:, start : start + step] = scores.sub_(e_half).max(dim=-1).indices
+        rows = slice(start, start + step)
+        scores = torch.bmm(x[:, rows], e_t).float().sub_(e_half)  # (G, m, K)
+        if rerank <= 1:
+            codes[:, rows] = scores.max(dim=-1).indices
+            continue
+        candidates = scores.topk(rerank, dim=-1).indices  # (G, m, c), best first
+        m = candidates.shape[1]
+        flat = candidates.reshape(num_groups, m * rerank, 1).expand(-1, -1, group_dim)
+        # (G, m*c, Dg) -> (G, m, c, Dg): each row's candidate codes
+        near = embed.gather(1, flat).reshape(num_groups, m, rerank, group_dim)
+        point = (x if exact is None else exact)[:, rows].float().unsqueeze(2)  # (G, m, 1, Dg)
+        best = (near - point).pow(2).sum(-1).argmin(-1, keepdim=True)  # (G, m, 1)
+        codes[:, rows] = candidates.gather(-1, best).squeeze(-1)
     return codes
 
 
@@ -246,8 +261,8 @@ class GroupedCodebook(nn.Module):
         if search_dtype is None:
             search_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         groups = self._to_groups(x, search_dtype)  # (G, M, Dg)
-        if search_dtype == torch.bfloat16:
-            codes = _nearest_bf16(groups, self.embed.float())
+        if search_dtype == torch.bfloat16:  # exact re-rank against x as it came
+            codes = _nearest_bf16(groups, self.embed.float(), self._to_groups(x, x.dtype))
         else:
             codes, _ = _nearest(groups, self.embed.float())  # (G, M)
         return codes.t().reshape(*x.shape[:-1], self.config.num_groups)  # (M, G) -> (..., G)
