@@ -5,7 +5,8 @@
 #   paper's link:  10 Mbit/s per device, latency 0 (bandwidth only)
 #   realistic:     10 Mbit/s per device, 20 ms per message
 # Results: benchmarks/results/latency/regimes/<name>/bench.{json,md,png}. Run on an otherwise
-# idle machine (timings are CPU-bound); about 25 minutes on 2 cores.
+# idle machine (timings are CPU-bound); about 30 minutes on 2 cores. Summary and bounds:
+# .venv/bin/python benchmarks/regimes_summary.py
 #   bash benchmarks/regimes.sh            # everything
 #   bash benchmarks/regimes.sh smollm2    # only the runs whose name contains "smollm2"
 set -euo pipefail
@@ -30,9 +31,12 @@ for lat in 0 20; do
         --methods single,astra,sp-fp32,tp --repeats 3
     bench smollm2-bf16-lat$lat $SMOL --latency ${lat}ms --devices 2,4 \
         --methods single,astra,sp-fp32,tp --repeats 3 --dtype bfloat16
-    # the cheaper first pass of the senders' search, in an fp32 model
-    bench smollm2-fp32-bf16search-lat$lat $SMOL --latency ${lat}ms --devices 2,4 \
-        --methods single,astra --repeats 3 --search bfloat16
+    # the exact search instead of the default (bf16 first pass + exact re-rank on CPUs with
+    # native bf16): what the cheaper search saves
+    bench smollm2-fp32-exactsearch-lat$lat $SMOL --latency ${lat}ms --devices 2,4 \
+        --methods single,astra --repeats 3 --search float32
+    bench dinov2-fp32-exactsearch-lat$lat $DINO --latency ${lat}ms --devices 2,4 \
+        --methods single,astra --repeats 3 --search float32
     # real worker processes, 2 devices
     bench smollm2-fp32-processes-lat$lat --mode processes $SMOL --latency ${lat}ms \
         --devices 2 --methods single,astra --repeats 5
