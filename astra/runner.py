@@ -58,6 +58,7 @@ from astra.parallel.passes import (
     decode_cache_bytes,
     embed_inputs,
     encoder_output,
+    matmul_layout_,
     pool_output,
     search_dtype,
     search_name,
@@ -321,6 +322,7 @@ def _load(job: Job):
         model = astra.model
     to_compute_dtype_(model, check_dtype(job.dtype))
     store_weights_(model, job.weights)  # after any fine-tuned weights went in
+    matmul_layout_(model)
     return model, quantizers
 
 

@@ -317,3 +317,54 @@ def test_image_transform(tmp_path):
     imagenet = image_transform({"image_size": 16})(np.zeros((8, 8, 3), dtype=np.uint8))
     assert imagenet.shape == (3, 16, 16)
     assert_close(imagenet[:, 0, 0], torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_few_query_attention_matches_sdpa(dtype, atol, queries):
+    """The decoding kernel (astra.models.attention.few_query_attention) against SDPA: grouped
+    heads, no mask, a (Tq, Tk) mask and a (B, 1, Tq, Tk) one; fp32 within 1e-5, bf16 within
+    2e-2 (its scores are rounded to bf16 once, as transformers' eager attention does)."""
+    import torch.nn.functional as F
+
+    from astra.models.attention import causal_mask, few_query_attention
+
+    torch.manual_seed(0)
+    b, h, hkv, tk, hd = 2, 6, 2, 37, 16
+    q = torch.randn(b, h, queries, hd, dtype=dtype)
+    k, v = torch.randn(b, hkv, tk, hd, dtype=dtype), torch.randn(b, hkv, tk, hd, dtype=dtype)
+    positions = torch.arange(tk - queries, tk)
+    window = causal_mask(positions, torch.arange(tk), window=8)  # (Tq, Tk), a sliding window
+    per_batch = window[None, None].expand(b, 1, queries, tk).clone()
+    per_batch[1, 0, :, :3] = True  # batch 1 also sees the first keys
+    for mask in (None, window, per_batch):
+        expected = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+        )
+        got = few_query_attention(q, k, v, mask)
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got.float(), expected, rtol=0, atol=atol)
+
+
+def test_matmul_layout_keeps_the_values_and_the_outputs(tmp_path):
+    """astra.parallel.passes.matmul_layout_: wide fp32 weights are stored (in, out), the rest
+    (out, in); the weights' values and the model's logits do not change."""
+    from astra.parallel.passes import matmul_layout_, to_compute_dtype_
+
+    build(transformers.LlamaForCausalLM, tiny_llama("gqa_tied"), tmp_path)
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        before = model(ids)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        matmul_layout_(model)
+        after = model(ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    gate = model.blocks[0].mlp.gate_proj.weight  # (hidden, dim): wider than tall
+    down = model.blocks[0].mlp.down_proj.weight  # (dim, hidden)
+    assert gate.stride() == (1, gate.shape[0]) and down.is_contiguous()
+    to_compute_dtype_(model, torch.bfloat16)
+    matmul_layout_(model)  # bf16 multiplies a row fastest (out, in)
+    assert model.blocks[0].mlp.gate_proj.weight.is_contiguous()

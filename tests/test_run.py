@@ -240,7 +240,7 @@ def test_auto_search_is_bf16_where_the_cpu_has_it_and_the_record_says_so(
     bf16_searches = []  # the senders really search in bf16 (composed mode: this process)
     nearest_bf16 = codebook._nearest_bf16
     monkeypatch.setattr(codebook, "_nearest_bf16",
-                        lambda x, e: bf16_searches.append(1) or nearest_bf16(x, e))
+                        lambda *args: bf16_searches.append(1) or nearest_bf16(*args))
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=2,
                        methods=("astra",), mode="composed")
     row = run_inference(config, progress=False, log=lambda m: None)["records"][0]

@@ -11,23 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from astra.methods import GENERATING_METHODS
 from astra.models.quantize import WEIGHTS
 from astra.net.link import LinkConfig
 from astra.parallel.config import QUANT_POINTS
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import EXCHANGES, REMOTE_CACHES
+from astra.precision import DTYPES, SEARCHES
 
-# the precision every device computes in (weights and activations); codebooks stay float32.
-# bfloat16 is what CPUs with AMX / AVX-512 BF16 and GPUs run fastest (about 3x fp32 here)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# the senders' nearest-code search: "auto" = bf16 dot products on CPUs that have them natively,
-# elsewhere the compute dtype's (astra.parallel.passes.search_dtype), or forced; bf16 search
-# costs 0.17 % more quantization error, +0.02 % perplexity on SmolLM2, see
-# astra.vq.codebook.GroupedCodebook.encode and benchmarks/latency.md
-SEARCHES = ("auto", "float32", "bfloat16")
 FALLBACKS = ("off", "auto")
 
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from astra.group.config import DTYPES
 from astra.models import KVCache, load_model
 from astra.models.quantize import store_weights_
 from astra.net.comm import Communicator
@@ -41,6 +40,7 @@ from astra.parallel.passes import (
     decode_cache_bytes,
     embed_inputs,
     encoder_output,
+    matmul_layout_,
     pool_output,
     search_dtype,
     stage_breakdown,
@@ -49,6 +49,7 @@ from astra.parallel.passes import (
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
 from astra.parallel.simulate import effective_class_tokens
+from astra.precision import DTYPES
 from astra.sampling import Sampler, Sampling
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class RankState:
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
             to_compute_dtype_(m, DTYPES[spec.dtype])
             store_weights_(m, spec.weights)
+            matmul_layout_(m)
         search = search_dtype(spec.search)
         self.codecs = {
             method: make_codecs(method, self.quantizers, spec.use_tables, search)
