@@ -63,7 +63,7 @@ def slow_run(tiny_llama_dir, tmp_path):
                "single,astra", "--artefact", str(artefact), "--latency", "400ms", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, preexec_fn=_as_a_shell_job)
 
     procs = []
     yield lambda *extra: procs.append(start(*extra)) or procs[-1]
@@ -73,6 +73,16 @@ def slow_run(tiny_llama_dir, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _as_a_shell_job() -> None:
+    """In the child before exec: SIGINT at its default and unblocked, as an interactive shell
+    starts a foreground job. A child inherits both from the thread that starts it, and the
+    test process's may have been left otherwise by earlier tests' multiprocessing machinery
+    (the run then ignored the interrupt and ran to its end: seen twice on a fresh clone); a
+    program started with SIGINT ignored keeps ignoring it, as POSIX and Python intend."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_workers(sid: int, count: int, within_s: float = 120.0) -> list[int]:
