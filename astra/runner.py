@@ -37,7 +37,6 @@ from astra.models import (
     model_kind,
     num_input_tokens,
 )
-from astra.models.quantize import store_weights_
 from astra.net.comm import Communicator, all_gather_json
 from astra.net.launch import spawn
 from astra.net.link import LinkConfig
@@ -58,12 +57,11 @@ from astra.parallel.passes import (
     decode_cache_bytes,
     embed_inputs,
     encoder_output,
-    matmul_layout_,
     pool_output,
+    prepare_weights_,
     search_dtype,
     search_name,
     stage_breakdown,
-    to_compute_dtype_,
 )
 from astra.parallel.placement import (
     COST_FIELDS,
@@ -320,9 +318,7 @@ def _load(job: Job):
         astra = load_astra(job.artefact, model, job.model_dir)
         quantizers = astra.quantizers
         model = astra.model
-    to_compute_dtype_(model, check_dtype(job.dtype))
-    store_weights_(model, job.weights)  # after any fine-tuned weights went in
-    matmul_layout_(model)
+    prepare_weights_(model, job.dtype, job.weights)  # after any fine-tuned weights went in
     return model, quantizers
 
 

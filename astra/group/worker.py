@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from astra.models import KVCache, load_model
-from astra.models.quantize import store_weights_
 from astra.net.comm import Communicator
 from astra.net.link import LinkConfig
 from astra.net.packets import PacketChannel, request_seed
@@ -40,16 +39,14 @@ from astra.parallel.passes import (
     decode_cache_bytes,
     embed_inputs,
     encoder_output,
-    matmul_layout_,
     pool_output,
+    prepare_weights_,
     search_dtype,
     stage_breakdown,
-    to_compute_dtype_,
 )
 from astra.parallel.placement import PlacementConfig
 from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
 from astra.parallel.simulate import effective_class_tokens
-from astra.precision import DTYPES
 from astra.sampling import Sampler, Sampling
 
 if TYPE_CHECKING:
@@ -111,9 +108,7 @@ class RankState:
                 if astra.fine_tuned:  # its weights went into `model`: the others need the
                     self.base = load_model(spec.model_dir)  # checkpoint's own
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
-            to_compute_dtype_(m, DTYPES[spec.dtype])
-            store_weights_(m, spec.weights)
-            matmul_layout_(m)
+            prepare_weights_(m, spec.dtype, spec.weights)
         search = search_dtype(spec.search)
         self.codecs = {
             method: make_codecs(method, self.quantizers, spec.use_tables, search)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from astra.models.quantize import store_weights_
 from astra.precision import DTYPES, SEARCHES
 
 
@@ -29,9 +30,9 @@ def search_dtype(search: str) -> torch.dtype | None:
     has them natively, else follow the compute dtype (None: bf16 for a bf16 model, else fp32).
 
     Why bf16 by default on such CPUs, even for an fp32 model: the search is ASTRA's largest
-    extra work (a sender's (T/N x D) x (D x K) product per codebook per block) and in bf16 it
-    costs 2.4x less here; it changes 5.7 % of SmolLM2's codes to an almost equally near one,
-    +0.02 % perplexity (benchmarks/latency.md, "the cheaper first pass")."""
+    extra work (a sender's (T/N x D) x (D x K) product per codebook per block) and its bf16
+    first pass with an exact re-rank of the two best candidates costs much less here, within
+    0.05 % perplexity of the exact search (benchmarks/latency.md, "the cheaper first pass")."""
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not one of {SEARCHES}")
     if search == "auto":
@@ -41,9 +42,7 @@ def search_dtype(search: str) -> torch.dtype | None:
 
 def search_name(search: str, dtype: str) -> str:
     """What the search of a `search` setting in a `dtype` model really is, for the records."""
-    resolved = search_dtype(search)
-    if resolved is None:
-        return "bfloat16" if dtype == "bfloat16" else "float32"
+    resolved = search_dtype(search) or DTYPES[dtype]  # None: the compute dtype's
     return "bfloat16" if resolved == torch.bfloat16 else "float32"
 
 
@@ -63,6 +62,16 @@ def to_compute_dtype_(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def prepare_weights_(model: torch.nn.Module, dtype: str, weights: str) -> None:
+    """A loaded model made ready to run, in place, once any fine-tuned weights went in: its
+    parameters in the compute `dtype`, its blocks stored as `weights` (full, int8, int4) and
+    every remaining linear weight laid out for fast one-row products. The one preparation the
+    workers (astra.group.worker) and `astra run` / `bench` ranks (astra.runner) share."""
+    to_compute_dtype_(model, check_dtype(dtype))
+    store_weights_(model, weights)
+    matmul_layout_(model)
 
 
 def matmul_layout_(model: torch.nn.Module) -> None:
