@@ -23,6 +23,9 @@ def provenance(command: list[str] | None = None) -> dict:
         "command": "astra " + " ".join(shlex.quote(a) for a in argv[1:]),
         "git_commit": git_commit(),
         "cpu": cpu_name(),
+        # "AMD EPYC" names a Zen 1 with AVX2 and a Zen 4 with AVX-512 BF16 alike, whose GEMMs
+        # differ 3x: the instruction sets that decide Astra's and the peers' kernels go along
+        "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -46,6 +49,42 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("+dirty" if dirty else "")) or None
+
+
+# the /proc/cpuinfo flags that pick the kernels (fp32 AVX2/AVX-512 GEMMs, bf16 and int8 paths)
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> dict:
+    """What decides this CPU's speed beyond its name: PyTorch's kernel level ("AVX2",
+    "AVX512", ...), the speed-relevant flags it has, and its family and model numbers."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if len(fields) == 3:
+                break
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+    }
+
+
+def cpu_label(record: dict) -> str:
+    """A provenance record's CPU in a few words: "AMD EPYC (AVX2, family 23 model 1)"."""
+    isa = record.get("cpu_isa") or {}
+    if not isa:
+        return str(record.get("cpu", "unknown"))
+    where = f", family {isa['family']} model {isa['model']}" if isa.get("family") else ""
+    return f"{record.get('cpu', 'unknown')} ({isa.get('torch_capability')}{where})"
 
 
 def cpu_name() -> str:

@@ -13,13 +13,16 @@
 # (the load before and after is recorded).
 #
 #   bash benchmarks/peers.sh            # PEERS_REPEATS=3 by default
+#   PEERS_RESULTS=benchmarks/results/peers-zen1 PEERS_MD=benchmarks/peers-zen1.md bash benchmarks/peers.sh
+#                                       # a second machine, beside the first one's results
 set -uo pipefail # not -e: an engine that fails is reported, the others still run
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 A=$ROOT/.venv/bin/astra
 PEERS=$ROOT/.venv-peers
-RES=benchmarks/results/peers
+RES=${PEERS_RESULTS:-benchmarks/results/peers}  # another machine: its own folder and page
+MD=${PEERS_MD:-benchmarks/peers.md}
 WORK=${ASTRA_HOME:-$HOME/.cache/astra}/peers
 REPEATS=${PEERS_REPEATS:-3}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1
@@ -125,4 +128,4 @@ load | tee "$RES/raw/uptime_after.txt"
 
 # 6. peers.json and peers.md
 "$PY" benchmarks/peers/report.py --results "$RES" ${BUILD:+--build "$BUILD"} \
-    --command "bash benchmarks/peers.sh (PEERS_REPEATS=$REPEATS)" --md benchmarks/peers.md
+    --command "bash benchmarks/peers.sh (PEERS_REPEATS=$REPEATS${PEERS_RESULTS:+ PEERS_RESULTS=$PEERS_RESULTS PEERS_MD=$MD})" --md "$MD"

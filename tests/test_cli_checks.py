@@ -6,8 +6,10 @@ import json
 import time
 
 import pytest
+import torch
 
 from astra.cli.main import main
+from astra.provenance import SPEED_FLAGS, cpu_label
 
 
 def _one_line(capsys) -> str:
@@ -68,4 +70,14 @@ def test_bench_exits_1_when_a_method_fails_and_keeps_what_ran(tiny_llama_dir, tm
     assert "astra: error: 1 runs failed: pp x3:" in err
     meta = json.loads((out / "bench.json").read_text())
     assert any(r["method"] == "single" and "skipped" not in r for r in meta["records"])
-    assert {"git_commit", "cpu", "cores", "torch", "command"} <= set(meta)
+    assert {"git_commit", "cpu", "cpu_isa", "cores", "torch", "command"} <= set(meta)
+    # the kernel level and flags that tell two CPUs of one name apart (Zen 1 vs Zen 4 EPYC)
+    assert meta["cpu_isa"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(meta["cpu_isa"]["flags"]) <= set(SPEED_FLAGS)
+
+
+def test_cpu_label_names_the_instruction_set():
+    record = {"cpu": "AMD EPYC", "cpu_isa": {"torch_capability": "AVX512", "family": "25",
+                                             "model": "17", "flags": ["avx512f"]}}
+    assert cpu_label(record) == "AMD EPYC (AVX512, family 25 model 17)"
+    assert cpu_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records from before cpu_isa

@@ -25,7 +25,7 @@ import re
 import statistics
 from pathlib import Path
 
-from astra.provenance import provenance
+from astra.provenance import cpu_label, provenance
 from astra.storage import write_json, write_text
 
 EFFICIENCY = 0.9  # issue 12's goal: N devices within 1/(0.9 N) of the best single device
@@ -290,7 +290,7 @@ def markdown(out: dict) -> str:
     add = lines.append
     prov, load_ = out["provenance"], out["machine_load"]
     add(
-        f"Run {prov['date']} at commit `{prov['git_commit']}` on {prov['cpu']} "
+        f"Run {prov['date']} at commit `{prov['git_commit']}` on {cpu_label(prov)} "
         f"({prov['cores']} cores), with `{out['command']}`. Every engine runs at **one thread** "
         "(one per device for Astra's multi-device rows): " + out["threads_note"] + "."
     )
