@@ -248,9 +248,10 @@ def _run_single(state: RankState, item: WorkItem, emit, cancelled, now) -> dict:
             out.update(_next_token_nll(model, x, positions, item.inputs["input_ids"]))
 
         def step(token: int, pos: int) -> torch.Tensor:
-            h = model.embed(torch.tensor([[token]]), positions=torch.tensor([pos]))
+            where = torch.tensor([pos])  # one tensor for every block: RoPE's tables are reused
+            h = model.embed(torch.tensor([[token]]), positions=where)
             for block, cache in zip(model.blocks, caches):
-                h = block(h, torch.tensor([pos]), None, cache=cache)
+                h = block(h, where, None, cache=cache)
             return model.head(h)
 
         out.update(_generate(model.head(x[:, -1:]), step, x.shape[1], item, emit, cancelled, now))
@@ -341,9 +342,10 @@ def _run_sequence_parallel(
             block.attn = DecodeAttention(block.attn, block.attn.capture, spec.remote_cache)
 
         def step(token: int, pos: int) -> torch.Tensor:
-            h = model.embed(torch.tensor([[token]]), positions=torch.tensor([pos]))
+            where = torch.tensor([pos])  # one tensor for every block: RoPE's tables are reused
+            h = model.embed(torch.tensor([[token]]), positions=where)
             for block in model.blocks:
-                h = block(h, torch.tensor([pos]), None)
+                h = block(h, where, None)
             return model.head(h)
 
         logits = model.head(hidden[:, -1:])

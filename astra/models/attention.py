@@ -87,16 +87,34 @@ class RotaryEmbedding(nn.Module):
             )
         # not persistent: derived from the config, and HF checkpoints do not carry it
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2,)
+        self._memo: tuple | None = None  # the last (positions, versions, cos, sin): `tables`
 
     def forward(self, t: Tensor, positions: Tensor) -> Tensor:
         # t: (B, H, T, hd); positions: (T,) or (B, T) absolute token positions
-        freqs = positions[..., None].float() * self.inv_freq  # (..., T, hd/2), fp32 like HF
-        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
-        cos, sin = emb.cos().to(t.dtype), emb.sin().to(t.dtype)
-        if positions.dim() == 2:  # per-batch positions broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        cos, sin = self.tables(positions, t.dtype)
         t1, t2 = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin (T, hd) or (B, 1, T, hd) in `dtype` for `positions`. The last pair is
+        kept: a forward pass hands the same positions tensor to every block, for queries and
+        keys, so a decoding step computes them once instead of twice per block (a dozen small
+        ops each, which on one core cost as much as a block's attention over 500 tokens)."""
+        memo = self._memo
+        if (
+            memo is not None
+            and memo[0] is positions
+            and memo[1] == (positions._version, dtype, self.inv_freq._version)
+        ):
+            return memo[2], memo[3]
+        freqs = positions[..., None].float() * self.inv_freq  # (..., T, hd/2), fp32 like HF
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        if positions.dim() == 2:  # per-batch positions broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        # holding `positions` keeps its identity unique; _version catches in-place edits
+        self._memo = (positions, (positions._version, dtype, self.inv_freq._version), cos, sin)
+        return cos, sin
 
 
 class KVCache:

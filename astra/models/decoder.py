@@ -77,8 +77,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if one_plus else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, as HF computes it, in one fused op (seven
+        # small ops before: on one core a decoding step's norms cost more than its attention)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.one_plus:  # Gemma: the weight too in fp32, cast back last
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         # Llama: cast back before the weight, as HF does, for bf16 parity
