@@ -15,6 +15,7 @@
 #   bash benchmarks/peers.sh            # PEERS_REPEATS=3 by default
 #   PEERS_RESULTS=benchmarks/results/peers-zen1 PEERS_MD=benchmarks/peers-zen1.md bash benchmarks/peers.sh
 #                                       # a second machine, beside the first one's results
+#   PEERS_ASTRA_DTYPES=float32 ...        # Astra's rows in fp32 only (bf16 is emulated, slow, on AVX2)
 set -uo pipefail # not -e: an engine that fails is reported, the others still run
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,6 +26,7 @@ RES=${PEERS_RESULTS:-benchmarks/results/peers}  # another machine: its own folde
 MD=${PEERS_MD:-benchmarks/peers.md}
 WORK=${ASTRA_HOME:-$HOME/.cache/astra}/peers
 REPEATS=${PEERS_REPEATS:-3}
+ASTRA_DTYPES=${PEERS_ASTRA_DTYPES:-float32 bfloat16}  # Astra's rows; on a CPU without native bf16, float32
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1
 say() { echo "peers: $*" >&2; }
 
@@ -102,7 +104,7 @@ astra() { # the command, logged to raw/astra_commands.txt, then run
 }
 SMOL="--model smollm2-135m --tokens 1024 --bandwidths 10mbit"
 DINO="--model dinov2-s --tokens 1025 --bandwidths 10mbit --tables"
-for dt in float32 bfloat16; do
+for dt in $ASTRA_DTYPES; do
     for lat in 0 20ms; do
         for name in smollm2 dinov2; do
             if [[ $name == smollm2 ]]; then flags=$SMOL; else flags=$DINO; fi
@@ -128,4 +130,4 @@ load | tee "$RES/raw/uptime_after.txt"
 
 # 6. peers.json and peers.md
 "$PY" benchmarks/peers/report.py --results "$RES" ${BUILD:+--build "$BUILD"} \
-    --command "bash benchmarks/peers.sh (PEERS_REPEATS=$REPEATS${PEERS_RESULTS:+ PEERS_RESULTS=$PEERS_RESULTS PEERS_MD=$MD})" --md "$MD"
+    --command "bash benchmarks/peers.sh (PEERS_REPEATS=$REPEATS${PEERS_RESULTS:+ PEERS_RESULTS=$PEERS_RESULTS PEERS_MD=$MD}${PEERS_ASTRA_DTYPES:+ PEERS_ASTRA_DTYPES=$PEERS_ASTRA_DTYPES})" --md "$MD"

@@ -81,3 +81,19 @@ def test_cpu_label_names_the_instruction_set():
                                              "model": "17", "flags": ["avx512f"]}}
     assert cpu_label(record) == "AMD EPYC (AVX512, family 25 model 17)"
     assert cpu_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records from before cpu_isa
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_gets_one_note(monkeypatch, capsys, native):
+    import astra.parallel.passes as passes
+    from astra.cli.common import note_dtype
+
+    monkeypatch.setattr(passes, "native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    note_dtype("bfloat16")
+    note_dtype("float32")  # the default never gets a note
+    err = capsys.readouterr().err
+    if native:
+        assert err == ""
+    else:
+        assert err.count("\n") == 1 and "no native bf16" in err and "slower than float32" in err

@@ -20,6 +20,7 @@ from astra.cli.common import (
     fail,
     int_list,
     latency_arg,
+    note_dtype,
     positive_int,
     user_errors,
 )
@@ -214,6 +215,7 @@ def run(args) -> int:
             if b.strip()
         )
         config = bench_config(args, bandwidths, tuple(args.devices or [2, 4]))
+        note_dtype(args.dtype)
         records = run_bench(config)
     except (argparse.ArgumentTypeError, *user_errors()) as exc:
         return fail(str(exc))

@@ -233,6 +233,27 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def note_dtype(dtype: str) -> None:
+    """One line on stderr, before any work, when `--dtype` will be slower than the default:
+    bfloat16 on a CPU without native bf16 dot products (no AVX-512 BF16, no AMX) is emulated
+    by widening to fp32. On an AVX2 EPYC transformers' SmolLM2 prefill took 4.6x as long in
+    bf16 as in fp32 (benchmarks/peers-zen1.md); users choose bf16 for speed, so say so."""
+    import torch
+
+    from astra.parallel.passes import native_bf16
+
+    if dtype != "bfloat16" or native_bf16() or torch.cuda.is_available():
+        return
+    level = torch.backends.cpu.get_cpu_capability()
+    print(
+        f"astra: note: this CPU ({level}) has no native bf16 (AVX-512 BF16 or AMX), so "
+        "--dtype bfloat16 is emulated and slower than float32 here; leave out --dtype for "
+        "float32",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def add_weights_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",

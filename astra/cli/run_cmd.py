@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from astra.cli.common import (
     add_device_speeds_arg,
@@ -18,6 +19,7 @@ from astra.cli.common import (
     add_timeout_args,
     add_weights_arg,
     fail,
+    note_dtype,
     positive_int,
     user_errors,
     write_json,
@@ -174,6 +176,8 @@ def run(args) -> int:
             search=args.search,
             device_speeds=args.device_speeds,
         )
+        if os.environ.get("RANK", "0") == "0":  # logs from rank 0 only (torchrun)
+            note_dtype(args.dtype)
         if under_torchrun():  # one rank of a multi-machine job: ASTRA only, rank 0 reports
             summary = run_torchrun(config)
             if summary is None:
@@ -193,7 +197,6 @@ def _leave_torchrun_rank(code: int) -> None:
     """End a torchrun rank now that its work is written: at interpreter exit, gloo's threads
     can still be joinable when their peer is gone, and C++ then aborts the process (SIGABRT,
     about 1 run in 10 here), which torchrun reports as a failed job."""
-    import os
     import sys
 
     sys.stdout.flush()

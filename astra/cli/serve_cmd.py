@@ -19,6 +19,7 @@ from astra.cli.common import (
     add_search_arg,
     add_weights_arg,
     fail,
+    note_dtype,
     positive_int,
     seconds_arg,
     user_errors,
@@ -151,6 +152,7 @@ def run(args) -> int:
     if problem:
         return fail(problem)
     try:
+        note_dtype(args.dtype)
         methods = ("single", args.method) if args.method != "single" else ("single",)
         config = GroupConfig(
             model=args.model,
