@@ -12,7 +12,7 @@ import torch
 # bfloat16 is what CPUs with AMX / AVX-512 BF16 and GPUs run fastest (about 3x fp32 here)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the senders' nearest-code search: "auto" = bf16 dot products on CPUs that have them natively,
-# elsewhere the compute dtype's (astra.parallel.passes.search_dtype), or forced; the bf16 pass
-# re-ranks its two best candidates exactly, see astra.vq.codebook.GroupedCodebook.encode and
-# benchmarks/latency.md
-SEARCHES = ("auto", "float32", "bfloat16")
+# elsewhere a first pass in a third of the dimensions ("pca") (astra.parallel.passes.
+# search_kind), or forced; both re-rank their best candidates exactly, see
+# astra.vq.codebook.GroupedCodebook.encode, benchmarks/latency.md and search_alternatives.py
+SEARCHES = ("auto", "float32", "bfloat16", "pca")

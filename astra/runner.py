@@ -59,7 +59,7 @@ from astra.parallel.passes import (
     encoder_output,
     pool_output,
     prepare_weights_,
-    search_dtype,
+    search_kind,
     search_name,
     stage_breakdown,
 )
@@ -335,7 +335,7 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
     class_tokens = effective_class_tokens(model, job.class_tokens)
     # warm-up and set-up traffic on an ideal link (the timed pass uses comm)
     warm = comm.__class__ is Communicator and Communicator(comm.group, LinkConfig(), job.timeout_s)
-    codecs = make_codecs(job.method, quantizers, job.use_tables, search_dtype(job.search))
+    codecs = make_codecs(job.method, quantizers, job.use_tables, search_kind(job.search))
     placement = fit_balanced_placement(
         job.placement,
         model,

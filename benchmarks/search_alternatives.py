@@ -5,7 +5,7 @@ A sender's search is (rows x D) x (D x K) per codebook per block. Each alternati
 computes fewer dot products and then ranks a few candidates exactly:
 
 - `bf16`: the runtime's own first pass in bf16 plus an exact re-rank of the two best
-  (`GroupedCodebook.encode(search_dtype=bfloat16)`); only fast on CPUs with native bf16.
+  (`GroupedCodebook.encode(x, "bfloat16")`); only fast on CPUs with native bf16.
 - `pca-r-c`: the first pass in the r leading principal directions of the codebook, then the
   c best candidates ranked exactly in all D dimensions.
 - `ivf-P-p`: the K codes clustered into P cells; each row searches the codes of its p nearest
@@ -129,7 +129,7 @@ class RuntimeBF16Search:  # the runtime's bf16 first pass + exact re-rank (`--se
         self.codebook = codebook
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.codebook.encode(x, torch.bfloat16)[:, 0]
+        return self.codebook.encode(x, "bfloat16")[:, 0]
 
 
 def best_ms(search, x: Tensor, repeats: int) -> tuple[float, Tensor]:

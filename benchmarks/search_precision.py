@@ -4,7 +4,7 @@ SmolLM2-135M with the training-free G=1, K=1024 kv-point codebooks that `astra r
 simulated devices (the accuracy tables' setting), held-out Austen: perplexity with the exact
 float32 search against the bf16 one, plus how many codes change and by how much the
 quantization error grows. The bf16 run swaps in exactly the search the runtime's senders call
-with `--search bfloat16` (GroupedCodebook.encode(x, torch.bfloat16)). Last, the whole model in
+with `--search bfloat16` (GroupedCodebook.encode(x, "bfloat16")). Last, the whole model in
 bf16 (`--dtype bfloat16`, whose search is the bf16 one): full precision and ASTRA.
 
     .venv/bin/python benchmarks/search_precision.py [--limit 16] [--seq-len 256]
@@ -48,10 +48,10 @@ def main() -> int:
     exact_encode = GroupedCodebook.encode
     stats = {"codes": 0, "changed": 0, "sq_err_exact": 0.0, "sq_err_bf16": 0.0}
 
-    def bf16_encode(self, x, search_dtype=None):
-        codes = exact_encode(self, x, torch.bfloat16)
+    def bf16_encode(self, x, search=None):
+        codes = exact_encode(self, x, "bfloat16")
         with torch.no_grad():  # bookkeeping: what the exact search would have sent
-            exact = exact_encode(self, x, torch.float32)
+            exact = exact_encode(self, x, "float32")
             flat = x.detach().float().reshape(-1, self.config.dim)
             stats["codes"] += codes.numel()
             stats["changed"] += int((codes != exact).sum())

@@ -214,14 +214,14 @@ def test_scores_through_the_runtime_equal_one_device_and_the_simulation(group, t
     """Group.score: the perplexity of what is deployed. Full precision over two devices equals
     one device; ASTRA over two devices equals the single-process simulation of ASTRA."""
     from astra.parallel.artefact import load_astra
-    from astra.parallel.passes import search_dtype
+    from astra.parallel.passes import search_kind
     from astra.parallel.placement import PlacementConfig
     from astra.parallel.quantizer import set_search_
     from astra.tasks import TaskConfig, make_task
 
     astra = load_astra(group.artefact, load_model(tiny_llama_dir), tiny_llama_dir)
     # the simulation searches for codes as the runtime's senders do (bf16 where native)
-    set_search_(astra.quantizers, search_dtype(group.config.quant.search))
+    set_search_(astra.quantizers, search_kind(group.config.quant.search))
     task = make_task(astra.model, tiny_llama_dir, TaskConfig(seq_len=48))
     ids = task.token_blocks("test", 1)  # (1, 48)
     single = group.score(ids[0].tolist(), method="single")

@@ -224,15 +224,15 @@ def test_run_in_one_warm_group_of_processes(tiny_llama_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_search_is_bf16_where_the_cpu_has_it_and_the_record_says_so(
+def test_auto_search_is_bf16_where_the_cpu_has_it_else_pca_and_the_record_says_so(
     native, tiny_llama_dir, tmp_path, monkeypatch
 ):
     from astra.parallel import passes
 
     monkeypatch.setattr(passes, "native_bf16", lambda: native)
-    assert passes.search_dtype("auto") == (torch.bfloat16 if native else None)
-    assert passes.search_name("auto", "float32") == ("bfloat16" if native else "float32")
-    assert passes.search_name("auto", "bfloat16") == "bfloat16"
+    assert passes.search_kind("auto") == ("bfloat16" if native else "pca")
+    assert passes.search_name("auto", "float32") == ("bfloat16" if native else "pca")
+    assert passes.search_name("auto", "bfloat16") == ("bfloat16" if native else "pca")
     assert passes.search_name("float32", "bfloat16") == "float32"
     monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     from astra.vq import codebook
@@ -244,5 +244,5 @@ def test_auto_search_is_bf16_where_the_cpu_has_it_and_the_record_says_so(
     config = RunConfig(model=str(tiny_llama_dir), devices=2, tokens=64, new_tokens=2,
                        methods=("astra",), mode="composed")
     row = run_inference(config, progress=False, log=lambda m: None)["records"][0]
-    assert row["search"] == ("bfloat16" if native else "float32")
+    assert row["search"] == ("bfloat16" if native else "pca")
     assert bool(bf16_searches) == native

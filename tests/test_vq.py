@@ -152,10 +152,10 @@ def test_bfloat16_encode_is_nearly_nearest_and_decodes_symmetrically(num_groups,
     monkeypatch.setattr(codebook, "_DIST_CHUNK_ELEMENTS", num_groups * size * 7)  # chunks of 7
     assert torch.equal(cb.encode(x), codes)
     # a float32 model can ask for the bf16 search (and a bf16 one for the exact search)
-    assert torch.equal(cb.encode(x.float(), torch.bfloat16), codes)
-    assert torch.equal(cb.encode(x, torch.float32), exact)
-    with pytest.raises(ValueError, match="search_dtype must be None, float32 or bfloat16"):
-        cb.encode(x, torch.float16)
+    assert torch.equal(cb.encode(x.float(), "bfloat16"), codes)
+    assert torch.equal(cb.encode(x, "float32"), exact)
+    with pytest.raises(ValueError, match=r"one of \('float32', 'bfloat16', 'pca'\), got 'float16'"):
+        cb.encode(x, "float16")
     with pytest.raises(ValueError, match=r"expected last dim 64, got shape \(3, 128\)"):
         cb.encode(torch.randn(3, 128).bfloat16())
 
@@ -529,3 +529,31 @@ def test_seeding_in_rounds_then_pruned_lloyd_as_good_as_old_path():
     new = lloyd(x, kmeans_plus_plus_rounds(x, 256, torch.Generator().manual_seed(0)), 10)
     old_error, new_error = old[2].sum() / total, new[2].sum() / total
     assert new_error <= 1.05 * old_error, (float(new_error), float(old_error))
+
+
+def test_pca_search_finds_the_nearest_code_on_almost_every_row_and_follows_the_codebook():
+    """The "pca" first pass (a third of the dimensions, four candidates re-ranked exactly):
+    on activations with a decaying spectrum, as a Transformer's are, it returns the exact
+    nearest code on nearly every row and never a far one; it rebuilds its tables when the
+    codebook changes; groups too narrow for it search exactly."""
+    gen = torch.Generator().manual_seed(0)
+    dim, size = 96, 256
+    scales = torch.logspace(0, -1.5, dim)  # (D,): a few wide directions, many narrow ones
+    cb = GroupedCodebook(dim, num_groups=1, codebook_size=size)
+    cb.embed.copy_(torch.randn(1, size, dim, generator=gen) * scales)
+    x = cb.embed[0, torch.randint(size, (2000,), generator=gen)]
+    x = x + 0.3 * torch.randn(2000, dim, generator=gen) * scales  # (M, D): near some code
+    exact, found = cb.encode(x, "float32")[:, 0], cb.encode(x, "pca")[:, 0]
+    assert (found == exact).float().mean() > 0.99
+    err = lambda codes: (cb.embed[0, codes] - x).pow(2).sum(-1)  # noqa: E731
+    assert torch.all(err(found) <= err(exact) * 1.5)  # a miss is a near-tie, never a far code
+    # the sender's codes are what the receiver decodes, whichever search picked them
+    assert torch.equal(cb.decode(found[:, None]), cb.embed[0, found])
+    # a new codebook (EMA step, K-means, a loaded state) gets new tables, not the old ones
+    cb.embed.copy_(torch.randn(1, size, dim, generator=gen) * scales)
+    exact, found = cb.encode(x, "float32")[:, 0], cb.encode(x, "pca")[:, 0]
+    assert (found == exact).float().mean() > 0.95
+    # under MIN_PCA_DIM wide, the exact search
+    narrow = GroupedCodebook(dim, num_groups=4, codebook_size=size)  # groups of 24
+    narrow.embed.copy_(torch.randn(4, size, dim // 4, generator=gen))
+    assert torch.equal(narrow.encode(x, "pca"), narrow.encode(x, "float32"))

@@ -735,7 +735,7 @@ def eval_command(args) -> dict:
     from astra.net.packets import PacketChannel
     from astra.parallel.artefact import read_artefact
     from astra.parallel.config import AstraConfig
-    from astra.parallel.passes import search_dtype, search_name
+    from astra.parallel.passes import search_kind, search_name
     from astra.parallel.placement import PlacementConfig
     from astra.parallel.quantizer import set_search_
     from astra.parallel.simulate import apply_astra
@@ -784,7 +784,7 @@ def eval_command(args) -> dict:
     for path, blob in zip(args.artefacts, blobs):
         astra = apply_astra(load_model(model_dir), AstraConfig(**blob["config"]))
         astra.quantizers.load_state_dict(blob["quantizers"])
-        set_search_(astra.quantizers, search_dtype(args.search))  # as the runtime's senders
+        set_search_(astra.quantizers, search_kind(args.search))  # as the runtime's senders
         if blob.get("model_weights") is not None:
             astra.model.load_state_dict(blob["model_weights"])
         probe_state = blob.get("extra", {}).get("probe")

@@ -41,7 +41,7 @@ from astra.parallel.passes import (
     encoder_output,
     pool_output,
     prepare_weights_,
-    search_dtype,
+    search_kind,
     stage_breakdown,
 )
 from astra.parallel.placement import PlacementConfig
@@ -109,7 +109,7 @@ class RankState:
                     self.base = load_model(spec.model_dir)  # checkpoint's own
         for m in {id(self.base): self.base, id(self.astra_model): self.astra_model}.values():
             prepare_weights_(m, spec.dtype, spec.weights)
-        search = search_dtype(spec.search)
+        search = search_kind(spec.search)
         self.codecs = {
             method: make_codecs(method, self.quantizers, spec.use_tables, search)
             for method in spec.methods

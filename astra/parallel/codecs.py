@@ -26,10 +26,10 @@ class CodesCodec:
         self,
         quantizer: BlockQuantizer,
         use_tables: bool = False,
-        search_dtype: torch.dtype | None = None,
+        search: str | None = None,
     ):
         self.quantizer = quantizer
-        self.search_dtype = search_dtype  # the sender's nearest-code search (None: x's dtype)
+        self.search = search  # the sender's nearest-code search (None: by x's dtype)
         self.bits = quantizer.codebooks[0].config.bits_per_code
         self.groups = quantizer.num_groups_on_wire
         self.tables: tuple[Tensor, Tensor] | None = None
@@ -38,7 +38,7 @@ class CodesCodec:
 
     def encode_codes(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
         """The sender's codes (n, G_wire), before packing (packets pack their own slices)."""
-        return self.quantizer.encode(attn, x, kv, self.search_dtype)[0]  # (1, n, G) -> (n, G)
+        return self.quantizer.encode(attn, x, kv, self.search)[0]  # (1, n, G) -> (n, G)
 
     def encode(self, attn: Attention, x: Tensor, kv=None) -> Tensor:
         return pack_codes(self.encode_codes(attn, x, kv), self.bits)

@@ -126,14 +126,14 @@ def sequence_parallel_forward(model: nn.Module, x_full: Tensor, layout: RankLayo
 
 
 def make_codecs(
-    method: str, quantizers, use_tables: bool = False, search_dtype: torch.dtype | None = None
+    method: str, quantizers, use_tables: bool = False, search: str | None = None
 ) -> list:
     """One codec per block: ASTRA codes, or full-precision hidden states for Voltage-style SP.
-    `search_dtype`: the senders' nearest-code search precision (GroupedCodebook.encode)."""
+    `search`: the senders' nearest-code search (GroupedCodebook.encode)."""
     if method not in SP_METHODS:
         raise ValueError(f"sequence-parallel method {method!r} is not one of {list(SP_METHODS)}")
     if method == "astra":
-        return [CodesCodec(q, use_tables, search_dtype) for q in quantizers]
+        return [CodesCodec(q, use_tables, search) for q in quantizers]
     return [FloatCodec(SP_METHODS[method]) for _ in quantizers]
 
 

@@ -25,25 +25,27 @@ def native_bf16() -> bool:
     return any(getattr(torch.cpu, flag, lambda: False)() for flag in flags)
 
 
-def search_dtype(search: str) -> torch.dtype | None:
-    """The codec's search dtype for a SEARCHES name. "auto": bf16 dot products where the CPU
-    has them natively, else follow the compute dtype (None: bf16 for a bf16 model, else fp32).
+def search_kind(search: str) -> str:
+    """The codecs' search (astra.vq.codebook.SEARCH_KINDS) for a SEARCHES name. "auto": bf16
+    dot products where the CPU has them natively, else the "pca" first pass.
 
-    Why bf16 by default on such CPUs, even for an fp32 model: the search is ASTRA's largest
-    extra work (a sender's (T/N x D) x (D x K) product per codebook per block) and its bf16
-    first pass with an exact re-rank of the two best candidates costs much less here, within
-    0.05 % perplexity of the exact search (benchmarks/latency.md, "the cheaper first pass")."""
+    Why a cheaper first pass by default, even for an fp32 model: the search is ASTRA's largest
+    extra work (a sender's (T/N x D) x (D x K) product per codebook per block). With native
+    bf16 the bf16 pass with an exact re-rank of the two best candidates costs much less, within
+    0.05 % perplexity of the exact search (benchmarks/latency.md, "the cheaper first pass");
+    without it, a pass in a third of the dimensions with four candidates re-ranked is 1.3-1.4x
+    faster than the exact search at 99.4-99.5 % of rows exact (search_alternatives.py)."""
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not one of {SEARCHES}")
     if search == "auto":
-        return torch.bfloat16 if native_bf16() else None
-    return DTYPES[search]
+        return "bfloat16" if native_bf16() else "pca"
+    return search
 
 
 def search_name(search: str, dtype: str) -> str:
-    """What the search of a `search` setting in a `dtype` model really is, for the records."""
-    resolved = search_dtype(search) or DTYPES[dtype]  # None: the compute dtype's
-    return "bfloat16" if resolved == torch.bfloat16 else "float32"
+    """What the search of a `search` setting in a `dtype` model is, for the records."""
+    check_dtype(dtype)
+    return search_kind(search)
 
 
 def embed_inputs(model, inputs: dict) -> torch.Tensor:

@@ -59,17 +59,17 @@ class BlockQuantizer(nn.Module):
         attn: Attention,
         x: Tensor,
         kv: tuple[Tensor, Tensor] | None = None,
-        search_dtype: torch.dtype | None = None,
+        search: str | None = None,
     ) -> Tensor:
         """Attention input x (B, T, D) -> codes (B, T, G_wire): what crosses the wire.
 
         For the "kv" point, pass the already projected (k, v) (B, Hkv, T, hd), before RoPE, to
-        avoid projecting twice. `search_dtype`: see GroupedCodebook.encode."""
+        avoid projecting twice. `search`: see GroupedCodebook.encode."""
         if self.point == "kv" and kv is not None:
             parts = [_merge_heads(kv[0]), _merge_heads(kv[1])]
         else:
             parts = self.inputs(attn, x)
-        codes = [cb.encode(p, search_dtype) for cb, p in zip(self.codebooks, parts)]
+        codes = [cb.encode(p, search) for cb, p in zip(self.codebooks, parts)]
         return torch.cat(codes, dim=-1)
 
     # -- receiver side ------------------------------------------------------------------------
@@ -102,12 +102,12 @@ class BlockQuantizer(nn.Module):
         return k_hat, v_hat, loss
 
 
-def set_search_(quantizers, search_dtype: torch.dtype | None) -> None:
-    """Every codebook of `quantizers` searches in `search_dtype` when not told otherwise: the
+def set_search_(quantizers, search: str | None) -> None:
+    """Every codebook of `quantizers` runs the `search` (SEARCH_KINDS) when not told otherwise: the
     simulation then picks the codes the runtime's senders pick (astra.parallel.passes)."""
     for quantizer in quantizers:
         for codebook in quantizer.codebooks:
-            codebook.search_dtype = search_dtype
+            codebook.search = search
 
 
 def _merge_heads(t: Tensor) -> Tensor:
