@@ -6,6 +6,8 @@ computes fewer dot products and then ranks a few candidates exactly:
 
 - `bf16`: the runtime's own first pass in bf16 plus an exact re-rank of the two best
   (`GroupedCodebook.encode(x, "bfloat16")`); only fast on CPUs with native bf16.
+- `runtime-pca`: the runtime's `--search pca` (`GroupedCodebook.encode(x, "pca")`): pca-D/3-4
+  as shipped, with its re-rank as batched dot products.
 - `pca-r-c`: the first pass in the r leading principal directions of the codebook, then the
   c best candidates ranked exactly in all D dimensions.
 - `ivf-P-p`: the K codes clustered into P cells; each row searches the codes of its p nearest
@@ -124,12 +126,12 @@ class BruteSearch:  # the exact fp32 search of the runtime (`--search float32`)
         return _nearest(x[None], self.embed)[0][0]
 
 
-class RuntimeBF16Search:  # the runtime's bf16 first pass + exact re-rank (`--search bfloat16`)
-    def __init__(self, codebook):
-        self.codebook = codebook
+class RuntimeSearch:  # the runtime's own searches: `--search bfloat16` and `--search pca`
+    def __init__(self, codebook, kind: str):
+        self.codebook, self.kind = codebook, kind
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.codebook.encode(x, "bfloat16")[:, 0]
+        return self.codebook.encode(x, self.kind)[:, 0]
 
 
 def best_ms(search, x: Tensor, repeats: int) -> tuple[float, Tensor]:
@@ -165,7 +167,8 @@ def main() -> None:
         "ivf-16-2": lambda e: IVFSearch(e, 16, 2),
         "ivf-32-4": lambda e: IVFSearch(e, 32, 4),
     }
-    totals = {name: {"ms": 0.0, "same": 0, "err": 0.0} for name in ["brute", "bf16", *variants]}
+    names = ["brute", "bf16", "runtime-pca", *variants]
+    totals = {name: {"ms": 0.0, "same": 0, "err": 0.0} for name in names}
     brute_err, rows, certified = 0.0, 0, []
     for quantizer, parts in zip(astra.quantizers, recorded):
         for codebook, samples in zip(quantizer.codebooks, parts):
@@ -177,7 +180,8 @@ def main() -> None:
             err = (embed[exact] - x).pow(2).sum()
             brute_err, rows = brute_err + float(err), rows + x.shape[0]
             totals["brute"]["ms"] += ms
-            searches = {"bf16": RuntimeBF16Search(codebook)}
+            searches = {"bf16": RuntimeSearch(codebook, "bfloat16")}
+            searches["runtime-pca"] = RuntimeSearch(codebook, "pca")
             for name, build in variants.items():
                 searches[name] = build(embed)
             for name, search in searches.items():

@@ -166,40 +166,44 @@ def _nearest_bf16(x: Tensor, embed: Tensor, exact: Tensor | None = None, rerank:
     return codes
 
 
-def pca_tables(embed: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def pca_tables(embed: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """embed (G, K, Dg) float32 -> the "pca" search's tables: basis (G, Dg, r), the leading
-    directions of the codes' second moment; projected codes transposed (G, r, K); and half
-    their squared norms (G, 1, K)."""
+    directions of the codes' second moment; the projected codes transposed (G, r, K) and half
+    their squared norms (G, 1, K); half the codes' full squared norms (G, K)."""
     _, vectors = torch.linalg.eigh(embed.transpose(1, 2) @ embed)  # ascending eigenvalues
     basis = vectors[..., -rank:].contiguous()  # (G, Dg, r)
     projected = embed @ basis  # (G, K, r)
     half_sq = 0.5 * projected.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K)
-    return basis, projected.transpose(1, 2).contiguous(), half_sq
+    return basis, projected.transpose(1, 2).contiguous(), half_sq, 0.5 * embed.pow(2).sum(-1)
 
 
 def _nearest_pca(
-    x: Tensor, embed: Tensor, tables: tuple[Tensor, Tensor, Tensor], candidates: int = 4
+    x: Tensor, embed: Tensor, tables: tuple[Tensor, ...], candidates: int = 4
 ) -> Tensor:
     """x (G, M, Dg), embed (G, K, Dg), both float32 -> codes (G, M) int64.
 
     argmin ||P(x - e)||^2 in the r leading principal directions P of the codes (a third of the
     dimensions hold nearly all of their spread) picks each row's `candidates` best, which are
-    then ranked by their exact distance in all Dg dimensions. Chunked over M like _nearest."""
-    basis, projected_t, half_sq = tables
+    then ranked by their exact distance in all Dg dimensions, argmax x.e - ||e||^2 / 2 as the
+    exact search computes it. Chunked over M like _nearest."""
+    basis, projected_t, half_sq, full_half_sq = tables
     num_groups, num_tokens, group_dim = x.shape
-    candidates = min(candidates, embed.shape[1])
-    step = max(1, _DIST_CHUNK_ELEMENTS // (num_groups * embed.shape[1]))
+    size = embed.shape[1]
+    candidates = min(candidates, size)
+    table = embed.reshape(num_groups * size, group_dim)  # (G*K, Dg): one row per code
+    offsets = (torch.arange(num_groups, device=x.device) * size).view(num_groups, 1, 1)
+    step = max(1, _DIST_CHUNK_ELEMENTS // (num_groups * size))
     codes = torch.empty(num_groups, num_tokens, dtype=torch.long, device=x.device)
     for start in range(0, num_tokens, step):
         rows = x[:, start : start + step]  # (G, m, Dg)
         scores = torch.baddbmm(half_sq, torch.bmm(rows, basis), projected_t, beta=-1.0)
         best = scores.topk(candidates, dim=-1).indices  # (G, m, c): largest x.e - |e|^2/2
-        m = best.shape[1]
-        flat = best.reshape(num_groups, m * candidates, 1).expand(-1, -1, group_dim)
-        # (G, m*c, Dg) -> (G, m, c, Dg): each row's candidate codes
-        near = embed.gather(1, flat).reshape(num_groups, m, candidates, group_dim)
-        nearest = (near - rows.unsqueeze(2)).pow(2).sum(-1).argmin(-1, keepdim=True)  # (G,m,1)
-        codes[:, start : start + step] = best.gather(-1, nearest).squeeze(-1)
+        flat = (best + offsets).reshape(-1)  # (G*m*c,) rows of `table`
+        near = table.index_select(0, flat).view(*best.shape, group_dim)  # (G, m, c, Dg)
+        exact = torch.einsum("gmcd,gmd->gmc", near, rows) - full_half_sq.view(-1)[flat].view(
+            best.shape
+        )  # (G, m, c)
+        codes[:, start : start + step] = best.gather(-1, exact.argmax(-1, keepdim=True))[..., 0]
     return codes
 
 
@@ -319,7 +323,7 @@ class GroupedCodebook(nn.Module):
             codes, _ = _nearest(self._to_groups(x), self.embed.float())  # (G, M)
         return codes.t().reshape(*x.shape[:-1], self.config.num_groups)  # (M, G) -> (..., G)
 
-    def _pca_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _pca_tables(self) -> tuple[Tensor, ...]:
         """The "pca" search's per-codebook tables, rebuilt when `embed` changes (EMA updates,
         K-means init and state-dict loads all write it in place, which bumps its version)."""
         key = (self.embed._version, self.embed.data_ptr())
