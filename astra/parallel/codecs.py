@@ -30,6 +30,8 @@ class CodesCodec:
     ):
         self.quantizer = quantizer
         self.search = search  # the sender's nearest-code search (None: by x's dtype)
+        for codebook in quantizer.codebooks:
+            codebook.prepare_search_(search)
         self.bits = quantizer.codebooks[0].config.bits_per_code
         self.groups = quantizer.num_groups_on_wire
         self.tables: tuple[Tensor, Tensor] | None = None

@@ -218,6 +218,19 @@ def _group_sums(x: Tensor, codes: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return counts.reshape(num_groups, size), sums.reshape(num_groups, size, group_dim)
 
 
+class _SharedMemo:
+    """A cache slot that copies of a module share: the composed mode's ranks are structural
+    copies (astra.net.lockstep.share_weights_copy) of one model whose buffers stay shared, and
+    a per-copy cache would rebuild the same tables on every rank at every pass."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.value: object = None
+
+    def __deepcopy__(self, memo: dict) -> _SharedMemo:
+        return self
+
+
 class GroupedCodebook(nn.Module):
     """G independent codebooks of K codes of width D/G; `codes (..., G)` are what is sent.
 
@@ -262,7 +275,7 @@ class GroupedCodebook(nn.Module):
         # the search `encode` runs when not told (None: by the input's dtype); a setting, not
         # state: `astra eval --search` sets it so the simulation searches as the runtime does
         self.search: str | None = None
-        self._pca: tuple | None = None  # ((embed version, pointer), pca_tables) for "pca"
+        self._pca = _SharedMemo()  # ((embed version, pointer), pca_tables) for "pca"
 
     @classmethod
     def from_config(cls, config: CodebookConfig) -> GroupedCodebook:
@@ -323,13 +336,21 @@ class GroupedCodebook(nn.Module):
             codes, _ = _nearest(self._to_groups(x), self.embed.float())  # (G, M)
         return codes.t().reshape(*x.shape[:-1], self.config.num_groups)  # (M, G) -> (..., G)
 
+    def prepare_search_(self, search: str | None) -> None:
+        """Build what `search` needs now rather than in the first encode: the "pca" tables
+        (an eigendecomposition of a Dg x Dg matrix per group, about 30 ms at Dg=384 on one
+        core) belong to setting up a device, like its weights, not to its first prefill."""
+        if search == "pca" and self.config.group_dim >= MIN_PCA_DIM:
+            self._pca_tables()
+
     def _pca_tables(self) -> tuple[Tensor, ...]:
         """The "pca" search's per-codebook tables, rebuilt when `embed` changes (EMA updates,
         K-means init and state-dict loads all write it in place, which bumps its version)."""
         key = (self.embed._version, self.embed.data_ptr())
-        if self._pca is None or self._pca[0] != key:
-            self._pca = (key, pca_tables(self.embed.float(), self.config.group_dim // 3))
-        return self._pca[1]
+        if self._pca.key != key:
+            self._pca.key = key
+            self._pca.value = pca_tables(self.embed.float(), self.config.group_dim // 3)
+        return self._pca.value
 
     def decode(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """codes (..., G) -> x_hat (..., D) in `dtype` (default: the codebook's, float32).
