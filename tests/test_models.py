@@ -261,6 +261,26 @@ def test_blocks_accept_positions_and_mask(tmp_path):
         assert torch.equal(model.head(x), model(inputs))
 
 
+def test_rope_tables_are_reused_for_the_same_positions_and_only_for_them():
+    """A decoding step hands one positions tensor to every block: RoPE computes cos/sin once.
+    New values (another tensor, or the same one edited in place) and inference-mode tensors,
+    which keep no version counter, get tables of their own."""
+    from astra.models.attention import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    t = torch.randn(1, 2, 3, 8)
+    positions = torch.tensor([5, 6, 7])
+    first = rope(t, positions)
+    assert rope.tables(positions, t.dtype)[0] is rope.tables(positions, t.dtype)[0]
+    positions += 10  # in place: same object, new values
+    assert torch.allclose(rope(t, positions), rope(t, torch.tensor([15, 16, 17])))
+    assert not torch.allclose(rope(t, positions), first)
+    with torch.inference_mode():
+        inference_positions = torch.tensor([5, 6, 7])
+        assert torch.equal(rope(t, inference_positions), first)
+        assert torch.equal(rope(t, inference_positions), first)
+
+
 # ---------------------------------------------------------------- loading
 
 

@@ -100,12 +100,11 @@ class RotaryEmbedding(nn.Module):
         kept: a forward pass hands the same positions tensor to every block, for queries and
         keys, so a decoding step computes them once instead of twice per block (a dozen small
         ops each, which on one core cost as much as a block's attention over 500 tokens)."""
+        # inference-mode tensors keep no version counter: no memo for them (computed each call)
+        plain = not (positions.is_inference() or self.inv_freq.is_inference())
+        key = (positions._version, dtype, self.inv_freq._version) if plain else None
         memo = self._memo
-        if (
-            memo is not None
-            and memo[0] is positions
-            and memo[1] == (positions._version, dtype, self.inv_freq._version)
-        ):
+        if key is not None and memo is not None and memo[0] is positions and memo[1] == key:
             return memo[2], memo[3]
         freqs = positions[..., None].float() * self.inv_freq  # (..., T, hd/2), fp32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
@@ -113,7 +112,7 @@ class RotaryEmbedding(nn.Module):
         if positions.dim() == 2:  # per-batch positions broadcast over heads
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
         # holding `positions` keeps its identity unique; _version catches in-place edits
-        self._memo = (positions, (positions._version, dtype, self.inv_freq._version), cos, sin)
+        self._memo = (positions, key, cos, sin) if key is not None else None
         return cos, sin
 
 
