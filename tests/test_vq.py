@@ -553,6 +553,10 @@ def test_pca_search_finds_the_nearest_code_on_almost_every_row_and_follows_the_c
     cb.embed.copy_(torch.randn(1, size, dim, generator=gen) * scales)
     exact, found = cb.encode(x, "float32")[:, 0], cb.encode(x, "pca")[:, 0]
     assert (found == exact).float().mean() > 0.95
+    with torch.inference_mode():  # a codebook loaded for inference only: no version counter
+        frozen = GroupedCodebook(dim, num_groups=1, codebook_size=size)
+        frozen.embed.copy_(cb.embed)
+        assert torch.equal(frozen.encode(x, "pca"), cb.encode(x, "pca"))
     # under MIN_PCA_DIM wide, the exact search
     narrow = GroupedCodebook(dim, num_groups=4, codebook_size=size)  # groups of 24
     narrow.embed.copy_(torch.randn(4, size, dim // 4, generator=gen))

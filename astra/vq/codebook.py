@@ -346,7 +346,9 @@ class GroupedCodebook(nn.Module):
     def _pca_tables(self) -> tuple[Tensor, ...]:
         """The "pca" search's per-codebook tables, rebuilt when `embed` changes (EMA updates,
         K-means init and state-dict loads all write it in place, which bumps its version)."""
-        key = (self.embed._version, self.embed.data_ptr())
+        # an inference-mode tensor keeps no version counter (and is not trained in place)
+        version = None if self.embed.is_inference() else self.embed._version
+        key = (version, self.embed.data_ptr())
         if self._pca.key != key:
             self._pca.key = key
             self._pca.value = pca_tables(self.embed.float(), self.config.group_dim // 3)
