@@ -26,6 +26,7 @@ from astra.parallel.placement import (
     fit_causal_cost,
     split_sizes,
 )
+from astra.parallel.quantizer import set_search_
 from astra.parallel.runtime import _attend_lse, merge_partials, plain_attention
 from astra.parallel.simulate import apply_astra
 
@@ -222,10 +223,11 @@ def test_lse_merge_equals_attention_over_the_union():
 
 def _lockstep_vs_simulation(
     model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous",
-    loss=None, exchange="auto", latency_ms=20.0,
+    loss=None, exchange="auto", latency_ms=20.0, search=None,
 ):
     astra = apply_astra(copy.deepcopy(model), astra_cfg)
     calibrate_(astra, lambda: astra.forward_hidden(inputs_x, None))
+    set_search_(astra.quantizers, search)  # the simulation's and the runtime's senders alike
     placement = PlacementConfig(num_devices, kind=kind)
     with torch.no_grad():
         sim = astra.forward_hidden(inputs_x, placement if method == "astra" else None, loss=loss)
@@ -270,6 +272,24 @@ def test_lockstep_runtime_matches_simulation_decoder(point, overlap, kind, excha
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
     # at least one 20 ms latency (all-gather: one per block, 2 blocks)
     assert max(clocks) >= (2 if exchange == "all-gather" else 1) * 0.020
+
+
+def test_lockstep_runtime_matches_simulation_with_the_pca_search(monkeypatch):
+    """`--search pca` (the default where bf16 is not native): the senders' first pass picks
+    the same codes in the runtime as in the simulation, so both attend to the same keys."""
+    import astra.vq.codebook as codebook
+
+    searched = []
+    nearest_pca = codebook._nearest_pca
+    monkeypatch.setattr(codebook, "_nearest_pca", lambda *a: searched.append(1) or nearest_pca(*a))
+    model = tiny_llama()  # hidden width 64: wide enough for the pca pass (MIN_PCA_DIM)
+    x = model.embed(torch.randint(0, 97, (1, 19))).detach()
+    cfg = AstraConfig(quant_point="hidden", num_groups=1, codebook_size=16)
+    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 3, search="pca")
+    assert searched  # the pca pass ran
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
 
 
 def test_streaming_pays_latency_per_device_boundary_not_per_block():
