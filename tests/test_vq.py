@@ -553,6 +553,9 @@ def test_pca_search_finds_the_nearest_code_on_almost_every_row_and_follows_the_c
     cb.embed.copy_(torch.randn(1, size, dim, generator=gen) * scales)
     exact, found = cb.encode(x, "float32")[:, 0], cb.encode(x, "pca")[:, 0]
     assert (found == exact).float().mean() > 0.95
+    cb.embed = torch.randn(1, size, dim, generator=gen) * scales  # a new tensor, not an edit
+    exact, found = cb.encode(x, "float32")[:, 0], cb.encode(x, "pca")[:, 0]
+    assert (found == exact).float().mean() > 0.95
     with torch.inference_mode():  # a codebook loaded for inference only: no version counter
         frozen = GroupedCodebook(dim, num_groups=1, codebook_size=size)
         frozen.embed.copy_(cb.embed)

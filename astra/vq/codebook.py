@@ -275,7 +275,7 @@ class GroupedCodebook(nn.Module):
         # the search `encode` runs when not told (None: by the input's dtype); a setting, not
         # state: `astra eval --search` sets it so the simulation searches as the runtime does
         self.search: str | None = None
-        self._pca = _SharedMemo()  # ((embed version, pointer), pca_tables) for "pca"
+        self._pca = _SharedMemo()  # ((embed, its version), pca_tables) for "pca"
 
     @classmethod
     def from_config(cls, config: CodebookConfig) -> GroupedCodebook:
@@ -311,11 +311,11 @@ class GroupedCodebook(nn.Module):
         - "float32": every distance, exactly (a (M x Dg) x (Dg x K) product per group).
         - "bfloat16": the dot products with the codes in bf16, where AMX, AVX-512 BF16 and
           tensor cores are several times faster, the comparison in float32, and each row's two
-          best candidates re-ranked exactly (`_nearest_bf16`): the exact nearest code on more
-          than 99.5 % of rows.
+          best candidates re-ranked exactly (`_nearest_bf16`): the exact nearest code on
+          98.9-99.9 % of rows (SmolLM2's and DINOv2's, benchmarks/latency.md).
         - "pca": a first pass in the codebook's Dg/3 leading principal directions (a third of
           the dot products), its four best candidates re-ranked exactly (`_nearest_pca`):
-          1.3-1.4x faster than "float32" on one AVX2 core at 99.4-99.5 % of rows exact
+          1.3-1.5x faster than "float32" on one AVX2 core at 99.4-99.5 % of rows exact
           (benchmarks/search_alternatives.py). Groups narrower than MIN_PCA_DIM search exactly.
         The sender's choice never reaches the receiver, which decodes whatever codes arrive.
         """
@@ -346,12 +346,14 @@ class GroupedCodebook(nn.Module):
     def _pca_tables(self) -> tuple[Tensor, ...]:
         """The "pca" search's per-codebook tables, rebuilt when `embed` changes (EMA updates,
         K-means init and state-dict loads all write it in place, which bumps its version)."""
-        # an inference-mode tensor keeps no version counter (and is not trained in place)
-        version = None if self.embed.is_inference() else self.embed._version
-        key = (version, self.embed.data_ptr())
-        if self._pca.key != key:
-            self._pca.key = key
-            self._pca.value = pca_tables(self.embed.float(), self.config.group_dim // 3)
+        # the very tensor (held, so its identity stays unique) at the same version; an
+        # inference-mode tensor keeps no version counter (and is not trained in place)
+        embed = self.embed
+        version = None if embed.is_inference() else embed._version
+        key = self._pca.key
+        if not (isinstance(key, tuple) and key[0] is embed and key[1] == version):
+            self._pca.key = (embed, version)
+            self._pca.value = pca_tables(embed.float(), self.config.group_dim // 3)
         return self._pca.value
 
     def decode(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
