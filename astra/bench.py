@@ -35,7 +35,7 @@ from astra.models import load_model, model_family, model_kind, model_spec
 from astra.net.link import LinkConfig
 from astra.parallel.artefact import save_artefact
 from astra.parallel.config import AstraConfig
-from astra.parallel.passes import check_dtype, embed_inputs, search_name
+from astra.parallel.passes import check_dtype, embed_inputs, search_kind
 from astra.parallel.placement import PlacementConfig, check_device_speeds
 from astra.parallel.runtime import EXCHANGES, resolve_exchange
 from astra.parallel.simulate import apply_astra
@@ -356,7 +356,7 @@ def _record(config, job, world, tokens, bw, results, family, astra_config, decod
             k: round(v, 2) for k, v in results[slowest].get("breakdown_ms", {}).items()
         },
         "dtype": config.dtype,
-        "search": search_name(config.search, config.dtype) if method == "astra" else None,
+        "search": search_kind(config.search) if method == "astra" else None,
         "tables": config.use_tables if method == "astra" else None,
         "placement": config.placement,
         "tokens_per_device": [r.get("tokens") for r in results],

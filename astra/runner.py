@@ -60,7 +60,6 @@ from astra.parallel.passes import (
     pool_output,
     prepare_weights_,
     search_kind,
-    search_name,
     stage_breakdown,
 )
 from astra.parallel.placement import (
@@ -610,7 +609,7 @@ def summarize(job: Job, results: list[dict], world_size: int, mode: str) -> dict
         results,
         mode=mode if job.method != "single" else "processes",
         dtype=job.dtype,
-        search=search_name(job.search, job.dtype),
+        search=search_kind(job.search),
         prompt_tokens=num_input_tokens(job.model_dir, job.inputs),
         weights=job.weights,
     ).to_dict()

@@ -231,9 +231,8 @@ def test_auto_search_is_bf16_where_the_cpu_has_it_else_pca_and_the_record_says_s
 
     monkeypatch.setattr(passes, "native_bf16", lambda: native)
     assert passes.search_kind("auto") == ("bfloat16" if native else "pca")
-    assert passes.search_name("auto", "float32") == ("bfloat16" if native else "pca")
-    assert passes.search_name("auto", "bfloat16") == ("bfloat16" if native else "pca")
-    assert passes.search_name("float32", "bfloat16") == "float32"
+    assert passes.search_kind("float32") == "float32"  # forced: whatever the model's dtype
+    assert passes.search_kind("bfloat16") == "bfloat16"
     monkeypatch.setattr(runner, "default_artefact", lambda model_dir, cfg: tmp_path / "cb")
     from astra.vq import codebook
 

@@ -735,7 +735,7 @@ def eval_command(args) -> dict:
     from astra.net.packets import PacketChannel
     from astra.parallel.artefact import read_artefact
     from astra.parallel.config import AstraConfig
-    from astra.parallel.passes import search_kind, search_name
+    from astra.parallel.passes import search_kind
     from astra.parallel.placement import PlacementConfig
     from astra.parallel.quantizer import set_search_
     from astra.parallel.simulate import apply_astra
@@ -817,7 +817,7 @@ def eval_command(args) -> dict:
                     "metric": metric,
                     "head": head,
                     "runtime": "processes" if args.runtime else "simulation",
-                    "search": search_name(args.search, "float32"),
+                    "search": search_kind(args.search),
                     "loss": rate,
                     "parity": args.parity if rate > 0 else None,
                 }

@@ -275,7 +275,7 @@ def add_search_arg(parser: argparse.ArgumentParser) -> None:
         "bf16 dot products, AVX-512 BF16 or AMX; elsewhere pca), float32 (exact), bfloat16 (a "
         "bf16 first pass, its two best candidates re-ranked exactly in fp32: within 0.05%% "
         "perplexity of the exact search on SmolLM2), pca (a first pass in a third of the "
-        "dimensions, its four best re-ranked exactly: 1.3-1.4x faster than float32 on AVX2, "
+        "dimensions, its four best re-ranked exactly: 1.3-1.5x faster than float32 on AVX2, "
         "the exact code on 99.4%% of rows). The record's `search` says which ran",
     )
 

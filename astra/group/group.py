@@ -45,7 +45,7 @@ from astra.models import (
     read_config,
 )
 from astra.net.launch import mp_context, process_state, start_ranks, stop_ranks
-from astra.parallel.passes import search_name
+from astra.parallel.passes import search_kind
 from astra.sampling import Sampling
 from astra.text import encode
 
@@ -636,7 +636,7 @@ class Group:
             taking_part,
             mode="processes",
             dtype=self.config.dtype,
-            search=search_name(self.config.quant.search, self.config.dtype),
+            search=search_kind(self.config.quant.search),
             prompt_tokens=prompt_tokens,
             weights=self.config.weights,
         )

@@ -33,19 +33,15 @@ def search_kind(search: str) -> str:
     extra work (a sender's (T/N x D) x (D x K) product per codebook per block). With native
     bf16 the bf16 pass with an exact re-rank of the two best candidates costs much less, within
     0.05 % perplexity of the exact search (benchmarks/latency.md, "the cheaper first pass");
-    without it, a pass in a third of the dimensions with four candidates re-ranked is 1.3-1.4x
-    faster than the exact search at 99.4-99.5 % of rows exact (search_alternatives.py)."""
+    without it, a pass in a third of the dimensions with four candidates re-ranked is 1.3-1.5x
+    faster than the exact search at 99.4-99.5 % of rows exact (search_alternatives.py).
+    What it returns is what the senders run, whatever the compute dtype: the records' name."""
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not one of {SEARCHES}")
     if search == "auto":
         return "bfloat16" if native_bf16() else "pca"
     return search
 
-
-def search_name(search: str, dtype: str) -> str:
-    """What the search of a `search` setting in a `dtype` model is, for the records."""
-    check_dtype(dtype)
-    return search_kind(search)
 
 
 def embed_inputs(model, inputs: dict) -> torch.Tensor:

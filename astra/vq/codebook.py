@@ -218,19 +218,6 @@ def _group_sums(x: Tensor, codes: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return counts.reshape(num_groups, size), sums.reshape(num_groups, size, group_dim)
 
 
-class _SharedMemo:
-    """A cache slot that copies of a module share: the composed mode's ranks are structural
-    copies (astra.net.lockstep.share_weights_copy) of one model whose buffers stay shared, and
-    a per-copy cache would rebuild the same tables on every rank at every pass."""
-
-    def __init__(self) -> None:
-        self.key: object = None
-        self.value: object = None
-
-    def __deepcopy__(self, memo: dict) -> _SharedMemo:
-        return self
-
-
 class GroupedCodebook(nn.Module):
     """G independent codebooks of K codes of width D/G; `codes (..., G)` are what is sent.
 
@@ -275,7 +262,7 @@ class GroupedCodebook(nn.Module):
         # the search `encode` runs when not told (None: by the input's dtype); a setting, not
         # state: `astra eval --search` sets it so the simulation searches as the runtime does
         self.search: str | None = None
-        self._pca = _SharedMemo()  # ((embed, its version), pca_tables) for "pca"
+        self._pca: tuple | None = None  # (embed, its version, pca_tables) for "pca"
 
     @classmethod
     def from_config(cls, config: CodebookConfig) -> GroupedCodebook:
@@ -350,11 +337,9 @@ class GroupedCodebook(nn.Module):
         # inference-mode tensor keeps no version counter (and is not trained in place)
         embed = self.embed
         version = None if embed.is_inference() else embed._version
-        key = self._pca.key
-        if not (isinstance(key, tuple) and key[0] is embed and key[1] == version):
-            self._pca.key = (embed, version)
-            self._pca.value = pca_tables(embed.float(), self.config.group_dim // 3)
-        return self._pca.value
+        if self._pca is None or self._pca[0] is not embed or self._pca[1] != version:
+            self._pca = (embed, version, pca_tables(embed.float(), self.config.group_dim // 3))
+        return self._pca[2]
 
     def decode(self, codes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """codes (..., G) -> x_hat (..., D) in `dtype` (default: the codebook's, float32).
