@@ -27,7 +27,13 @@ from astra.parallel.placement import (
     split_sizes,
 )
 from astra.parallel.quantizer import set_search_
-from astra.parallel.runtime import _attend_lse, merge_partials, plain_attention
+from astra.parallel.runtime import (
+    RankAttention,
+    _attend_lse,
+    attend_counted_keys,
+    merge_partials,
+    plain_attention,
+)
 from astra.parallel.simulate import apply_astra
 
 ATOL_EXACT = 1e-5
@@ -329,6 +335,60 @@ def test_lockstep_runtime_matches_simulation_vit(class_tokens):
         torch.testing.assert_close(
             out[:, content], sim_pooled[:, idx[content] - shift], rtol=0, atol=ATOL_RUNTIME
         )
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2])  # plain and grouped-query attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counted_keys_equal_attention_to_every_token(kv_heads, dtype):
+    # remote tokens with the same codes have the same k and v: attending to each distinct one
+    # once, its score raised by log(count), is attention to every token
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 7, 8, dtype=dtype)
+    distinct_k = torch.randn(1, kv_heads, 5, 8, dtype=dtype)
+    distinct_v = torch.randn(1, kv_heads, 5, 8, dtype=dtype)
+    codes = torch.tensor([0, 3, 3, 1, 0, 0, 4, 3, 2, 0, 0])  # every key once or more
+    counts = torch.bincount(codes).float()
+    out, lse = attend_counted_keys(q, distinct_k, distinct_v, counts)
+    ref, ref_lse = _attend_lse(q, distinct_k[:, :, codes], distinct_v[:, :, codes], None)
+    tol = ATOL_EXACT if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=tol)
+    unweighted, _ = attend_counted_keys(q, distinct_k, distinct_v, torch.ones(5))
+    assert (unweighted.float() - ref.float()).abs().max() > 10 * tol  # the counts matter
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lockstep_vit_attends_each_distinct_remote_code_once(groups):
+    # a tiny codebook (K=4): most remote tokens share their codes with others, so the runtime
+    # attends to a few distinct keys per block; the outputs still equal the simulation's
+    model = tiny_vit()
+    x = model.embed(torch.randn(1, 3, 24, 24)).detach()
+    cfg = AstraConfig(num_groups=groups, codebook_size=4, class_tokens="distributed")
+    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 2)
+    shift = seq.num_replicas - 1
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        content = idx >= seq.num_replicas
+        torch.testing.assert_close(
+            out[:, content], sim[:, idx[content] - shift], rtol=0, atol=ATOL_RUNTIME
+        )
+
+
+def test_only_position_free_attention_merges_duplicate_codes():
+    # RoPE keys (decoders) or a causal mask depend on each token's position: no merging there
+    from astra.parallel.codecs import CodesCodec, FloatCodec
+    from astra.parallel.engine import build_rank_layout
+
+    for model, causal in ((tiny_vit(), False), (tiny_llama(), True)):
+        astra = apply_astra(copy.deepcopy(model), AstraConfig(num_groups=1, codebook_size=4))
+        seq = build_sequence_layout(8, PlacementConfig(2), "none")
+        layout = build_rank_layout(seq, 0, 2, causal)
+        inner = astra.model.blocks[0].attn
+        inner = getattr(inner, "inner", inner)
+        codes = RankAttention(inner, CodesCodec(astra.quantizers[0]), layout, comm=None)
+        floats = RankAttention(inner, FloatCodec(torch.float32), layout, comm=None)
+        assert codes.count_duplicates is (not causal)
+        assert floats.count_duplicates is False
 
 
 def test_full_precision_sequence_parallel_is_exact():

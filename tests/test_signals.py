@@ -133,8 +133,9 @@ def test_a_frozen_device_is_named_within_the_peer_timeout(slow_run):
     assert run.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err  # one line, no traceback, no re-forming for a one-shot run
-    assert re.match(rf"astra: error: device \d \(pid {frozen}, stopped \(SIGSTOP\)\) stopped "
-                    r"answering", lines[0]), err
+    # on a loaded machine the stop can land while the group is still starting: named as well
+    assert re.match(rf"astra: error: (the device group did not start: )?device \d \(pid "
+                    rf"{frozen}, stopped \(SIGSTOP\)\) stopped answering", lines[0]), err
     # named after half the peer timeout; the rest is ending the group
     assert elapsed < 4 + 10, elapsed
     assert _gone(run.pid) == {}

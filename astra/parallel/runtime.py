@@ -157,6 +157,16 @@ class RankAttention(nn.Module):
         self.layout = layout
         self.comm = comm
         self.overlap = overlap
+        # remote keys that depend on their codes alone (no RoPE) and a mask that does not
+        # depend on positions: attend to each distinct code once (attend_counted_keys)
+        self.count_duplicates = (
+            isinstance(codec, CodesCodec)
+            and overlap
+            and inner.rope is None
+            and not layout.causal
+            and self.window is None
+            and inner.softcap is None
+        )
         self.capture: dict | None = None  # set on the decode device before the last prefill
         self.timings: dict[str, float] | None = None  # ms per stage, when profiling
         self._last = 0.0
@@ -202,6 +212,9 @@ class RankAttention(nn.Module):
             return y
         payloads = self._finish_exchange(handle, senders)
         lap("wait")
+        if self.count_duplicates:
+            out_remote, lse_remote = self._attend_distinct(q, payloads, senders, lap)
+            return self._merge_and_project(out_local, lse_local, out_remote, lse_remote, lap)
         k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
         k_hat = attn.rotate(k_hat, remote_pos)
         lap("rebuild_remote")
@@ -217,11 +230,26 @@ class RankAttention(nn.Module):
         out_remote, lse_remote = attend_positions(
             q, k_hat, v_hat, positions, remote_pos, lay.causal, attn.window, attn.softcap
         )
+        return self._merge_and_project(out_local, lse_local, out_remote, lse_remote, lap)
+
+    def _merge_and_project(self, out_local, lse_local, out_remote, lse_remote, lap) -> Tensor:
         merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
         b, h, n, hd = merged.shape
-        y = attn.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
+        y = self.inner.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
         lap("remote_attention")
         return y
+
+    def _attend_distinct(self, q: Tensor, payloads, senders: list[int], lap):
+        """Remote attention through each distinct code once: the rebuild and the attention
+        cost what the distinct codes do, not the remote tokens (CodesCodec.distinct)."""
+        joined, _ = self.joined_remote(payloads, senders)
+        if joined is None:
+            lap("rebuild_remote")
+            return _no_keys(q)
+        unique, counts = self.codec.distinct(joined)  # (1, U, G), (U,)
+        k_hat, v_hat = self.codec.rebuild_kv(self.inner, unique)  # (1, Hkv, U, hd) each
+        lap("rebuild_remote")
+        return attend_counted_keys(q, k_hat, v_hat, counts)
 
     def _lap(self, stage: str | None) -> None:
         """Charge the time since the last lap to `stage` (when timings are on)."""
@@ -547,6 +575,37 @@ def _no_keys(q: Tensor) -> tuple[Tensor, Tensor]:
     """The partial of queries that see no key: out 0 (B,H,Tq,hd), lse -inf (B,H,Tq) float32,
     which drops out of every merge."""
     return q.new_zeros(q.shape), q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
+
+
+def attend_counted_keys(q: Tensor, k: Tensor, v: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Unmasked attention to keys that each stand for counts[j] identical tokens: exactly the
+    (out, lse) of attending to every token, for the work of the distinct keys.
+
+    q (B,H,Tq,hd), k/v (B,Hkv,U,hd), counts (U,) -> out (B,H,Tq,hd), lse (B,H,Tq) float32.
+    sum_tokens exp(s_t) v_t = sum_keys counts_j exp(s_j) v_j = sum_keys exp(s_j + log counts_j)
+    v_j, so each key's score is raised by log(counts_j), an additive mask row shared by every
+    query (a stride-0 expand: no (Tq, U) copy)."""
+    b, h, tq, hd = q.shape
+    if k.shape[2] == 0 or tq == 0:
+        return _no_keys(q)
+    hkv = k.shape[1]
+    if hkv != h and q.device.type == "cpu":
+        # grouped-query attention: the h/Hkv query heads of one kv head as rows of one head
+        # (q (B,H,Tq,hd) -> (B,Hkv,G*Tq,hd)), as _attend_lse does; the bias is per key
+        out, lse = attend_counted_keys(q.reshape(b, hkv, h // hkv * tq, hd), k, v, counts)
+        return out.reshape(b, h, tq, hd), lse.reshape(b, h, tq)
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    bias = counts.log()  # (U,) float32
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+        mask = bias.to(q.dtype).view(1, 1, 1, -1).expand(1, 1, tq, bias.numel())  # (1,1,Tq,U)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask
+        )
+    scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5 + bias  # (B,H,Tq,U)
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype), lse
 
 
 def _attend_lse(
