@@ -71,6 +71,7 @@ from astra.parallel.placement import (
 )
 from astra.parallel.runtime import (
     DecodeAttention,
+    distinct_code_share,
     resolve_exchange,
     restore_attention_,
     use_causal_kernel_,
@@ -375,6 +376,7 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
     if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
         out["placement_cost"] = asdict(placement.cost)
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
+    out["distinct_code_share"] = distinct_code_share(model)
     if job.decoder:
         if rank == decode_rank:
             logits = model.head(hidden[:, -1:])

@@ -134,3 +134,26 @@ def test_a_skipped_repeat_is_counted_not_timed():
     assert record["total_ms"] == 3.0 and record["repeats_ms"] == [5.0, 3.0]
     assert record["skipped_repeats"] == 1
     assert "skipped" in _median_record([runs[1], runs[1]])  # every repeat failed
+
+
+def test_bench_times_the_cached_calibrated_codebooks_when_there_are_some(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    # timing depends on the codes (encoders attend to each distinct remote code once), so the
+    # bench times what `astra run` would load; timing-only codebooks only when none is cached
+    from astra.bench import bench_codebooks
+    from astra.parallel.config import AstraConfig
+    from astra.runner import RunConfig, build_inputs, default_artefact
+
+    config = AstraConfig(quant_point="kv", num_groups=1, codebook_size=16)
+    inputs, _, _ = build_inputs(RunConfig(model=str(tiny_llama_dir), tokens=16), tiny_llama_dir)
+    monkeypatch.setenv("ASTRA_HOME", str(tmp_path / "home"))  # an empty artefact cache
+    notes: list[str] = []
+    timing = bench_codebooks(tiny_llama_dir, config, inputs, tmp_path, 16, notes.append)
+    assert timing.name == "timing-16.safetensors" and timing.is_file()
+    assert len(notes) == 1 and "timing-only codebooks" in notes[0]
+    cached = default_artefact(tiny_llama_dir, config)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(timing.read_bytes())
+    assert bench_codebooks(tiny_llama_dir, config, inputs, tmp_path, 16, notes.append) == cached
+    assert len(notes) == 1  # nothing to say

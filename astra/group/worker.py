@@ -45,7 +45,12 @@ from astra.parallel.passes import (
     stage_breakdown,
 )
 from astra.parallel.placement import PlacementConfig
-from astra.parallel.runtime import DecodeAttention, restore_attention_, use_causal_kernel_
+from astra.parallel.runtime import (
+    DecodeAttention,
+    distinct_code_share,
+    restore_attention_,
+    use_causal_kernel_,
+)
 from astra.parallel.simulate import effective_class_tokens
 from astra.sampling import Sampler, Sampling
 
@@ -327,6 +332,7 @@ def _run_sequence_parallel(
         hidden = sequence_parallel_forward(model, x_full, layout)
     out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
+    out["distinct_code_share"] = distinct_code_share(model)
     if not state.causal:
         with comm.stats.phase("output"):
             out["output"] = encoder_output(model, hidden, layout, seq, comm)

@@ -167,6 +167,8 @@ class RankAttention(nn.Module):
             and self.window is None
             and inner.softcap is None
         )
+        self.distinct_codes = 0  # distinct remote codes attended, summed over passes
+        self.remote_tokens = 0  # remote tokens they stand for
         self.capture: dict | None = None  # set on the decode device before the last prefill
         self.timings: dict[str, float] | None = None  # ms per stage, when profiling
         self._last = 0.0
@@ -247,6 +249,8 @@ class RankAttention(nn.Module):
             lap("rebuild_remote")
             return _no_keys(q)
         unique, counts = self.codec.distinct(joined)  # (1, U, G), (U,)
+        self.distinct_codes += unique.shape[1]
+        self.remote_tokens += joined.shape[1]
         k_hat, v_hat = self.codec.rebuild_kv(self.inner, unique)  # (1, Hkv, U, hd) each
         lap("rebuild_remote")
         return attend_counted_keys(q, k_hat, v_hat, counts)
@@ -333,6 +337,15 @@ class RankAttention(nn.Module):
             return empty, empty.clone(), positions
         k, v = self.codec.rebuild_kv(self.inner, joined)
         return k, v, positions
+
+
+def distinct_code_share(model: nn.Module) -> float | None:
+    """Distinct remote codes attended over the remote tokens they stood for, over every block
+    of a model whose attention merges duplicates (None where none does): what the encoders'
+    remote attention cost relative to attending every token."""
+    counted = [b.attn for b in model.blocks if getattr(b.attn, "count_duplicates", False)]
+    tokens = sum(a.remote_tokens for a in counted)
+    return round(sum(a.distinct_codes for a in counted) / tokens, 4) if tokens else None
 
 
 REMOTE_CACHES = ("codes", "rebuilt")
