@@ -9,10 +9,11 @@
 # .venv/bin/python benchmarks/regimes_summary.py
 #   bash benchmarks/regimes.sh            # everything
 #   bash benchmarks/regimes.sh smollm2    # only the runs whose name contains "smollm2"
+#   REGIMES_RESULTS=benchmarks/results/latency/regimes-zen1 bash benchmarks/regimes.sh  # another machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=.venv/bin/astra
-R=benchmarks/results/latency/regimes
+R=${REGIMES_RESULTS:-benchmarks/results/latency/regimes}  # another machine: its own folder
 ONLY=${1:-}
 SMOL="--model smollm2-135m --tokens 1024 --bandwidths 10mbit"
 DINO="--model dinov2-s --tokens 1025 --bandwidths 10mbit --tables"
