@@ -612,7 +612,8 @@ def attend_counted_keys(q: Tensor, k: Tensor, v: Tensor, counts: Tensor) -> tupl
         v = v.repeat_interleave(h // hkv, dim=1)
     bias = counts.log()  # (U,) float32
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        mask = bias.to(q.dtype).view(1, 1, 1, -1).expand(1, 1, tq, bias.numel())  # (1,1,Tq,U)
+        # float32 even for bf16 queries (the kernel takes it): log(count) is not rounded
+        mask = bias.view(1, 1, 1, -1).expand(1, 1, tq, bias.numel())  # (1,1,Tq,U)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=mask
         )
