@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from astra.models.decoder import Decoder, DecoderConfig
+from astra.models.gpt2 import GPT2, GPT2Config
 from astra.models.vit import ViT, ViTConfig
 from astra.net.link import LinkConfig
 from astra.net.lockstep import run_lockstep, share_weights_copy
@@ -53,6 +54,16 @@ def tiny_llama(seed: int = 0, num_layers: int = 2) -> Decoder:
         tie_word_embeddings=True,
     )
     model = Decoder(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2:
+    torch.manual_seed(seed)
+    model = GPT2(GPT2Config(vocab_size=97, dim=32, num_layers=2, num_heads=4, max_positions=64,
+                            mlp_dim=64)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -375,20 +386,45 @@ def test_lockstep_vit_attends_each_distinct_remote_code_once(groups):
 
 
 def test_only_position_free_attention_merges_duplicate_codes():
-    # RoPE keys (decoders) or a causal mask depend on each token's position: no merging there
+    # RoPE keys (Llama) depend on each token's position, and so does a causal mask over keys
+    # that are not all earlier: merging needs keys from codes alone, all visible
     from astra.parallel.codecs import CodesCodec, FloatCodec
     from astra.parallel.engine import build_rank_layout
 
-    for model, causal in ((tiny_vit(), False), (tiny_llama(), True)):
+    def merges(model, rank, exchange="auto", codec=None, kind="contiguous"):
         astra = apply_astra(copy.deepcopy(model), AstraConfig(num_groups=1, codebook_size=4))
-        seq = build_sequence_layout(8, PlacementConfig(2), "none")
-        layout = build_rank_layout(seq, 0, 2, causal)
+        causal = getattr(model, "causal", False)
+        seq = build_sequence_layout(8, PlacementConfig(2, kind=kind), "none")
+        layout = build_rank_layout(seq, rank, 2, causal)
         inner = astra.model.blocks[0].attn
-        inner = getattr(inner, "inner", inner)
-        codes = RankAttention(inner, CodesCodec(astra.quantizers[0]), layout, comm=None)
-        floats = RankAttention(inner, FloatCodec(torch.float32), layout, comm=None)
-        assert codes.count_duplicates is (not causal)
-        assert floats.count_duplicates is False
+        inner = getattr(inner, "inner", inner)  # unwrapped, as install_rank_attention does
+        codec = codec or CodesCodec(astra.quantizers[0])
+        attn = RankAttention(inner, codec, layout, comm=None, exchange=exchange)
+        return attn.count_duplicates
+
+    assert merges(tiny_vit(), 0) and merges(tiny_vit(), 1)
+    assert not merges(tiny_vit(), 0, codec=FloatCodec(torch.float32))  # floats: no codes
+    assert not merges(tiny_llama(), 1)  # RoPE
+    assert merges(tiny_gpt2(), 1)  # learned positions, every remote key earlier
+    assert merges(tiny_gpt2(), 1, exchange="all-gather")  # rank 1's only sender is earlier
+    # zigzag: each rank holds an early and a late chunk, so some remote keys are masked
+    assert not merges(tiny_gpt2(), 1, exchange="all-gather", kind="zigzag")
+
+
+@pytest.mark.parametrize("exchange,kind", [
+    ("auto", "contiguous"), ("all-gather", "contiguous"), ("all-gather", "zigzag")
+])
+def test_lockstep_gpt2_attends_each_distinct_earlier_code_once(exchange, kind):
+    # GPT-2 has no RoPE: on the ranks whose remote keys are all earlier the runtime merges
+    # duplicate codes (K=4: most are), the others mask per token; both equal the simulation
+    model = tiny_gpt2()
+    x = model.embed(torch.randint(0, 97, (1, 21)), torch.arange(21)).detach()
+    cfg = AstraConfig(quant_point="hidden", num_groups=1, codebook_size=4)
+    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 3, exchange=exchange,
+                                                   kind=kind)
+    for rank, out in enumerate(outs):
+        idx = torch.nonzero(seq.device_of_token == rank).flatten()
+        torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
 
 
 def test_full_precision_sequence_parallel_is_exact():

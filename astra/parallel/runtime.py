@@ -158,14 +158,16 @@ class RankAttention(nn.Module):
         self.comm = comm
         self.overlap = overlap
         # remote keys that depend on their codes alone (no RoPE) and a mask that does not
-        # depend on positions: attend to each distinct code once (attend_counted_keys)
+        # depend on positions: attend to each distinct code once (attend_counted_keys). That
+        # is every encoder, and a causal model without RoPE (GPT-2) on a rank whose senders
+        # all hold earlier tokens (streamed, contiguous): every remote key is then visible
         self.count_duplicates = (
             isinstance(codec, CodesCodec)
             and overlap
             and inner.rope is None
-            and not layout.causal
             and self.window is None
             and inner.softcap is None
+            and (not layout.causal or _all_remote_keys_earlier(layout, self.senders))
         )
         self.distinct_codes = 0  # distinct remote codes attended, summed over passes
         self.remote_tokens = 0  # remote tokens they stand for
@@ -214,14 +216,14 @@ class RankAttention(nn.Module):
             return y
         payloads = self._finish_exchange(handle, senders)
         lap("wait")
+        if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
+            self.capture.update(k=k, v=v, payloads=payloads)
         if self.count_duplicates:
             out_remote, lse_remote = self._attend_distinct(q, payloads, senders, lap)
             return self._merge_and_project(out_local, lse_local, out_remote, lse_remote, lap)
         k_hat, v_hat, remote_pos = self._rebuild_remote(payloads, senders)
         k_hat = attn.rotate(k_hat, remote_pos)
         lap("rebuild_remote")
-        if self.capture is not None:  # the decode device keeps what decoding needs (App. G)
-            self.capture.update(k=k, v=v, payloads=payloads)
         if not self.overlap:
             mask_all = None  # the paper's serial runtime: one dense masked attention
             if lay.causal:
@@ -337,6 +339,13 @@ class RankAttention(nn.Module):
             return empty, empty.clone(), positions
         k, v = self.codec.rebuild_kv(self.inner, joined)
         return k, v, positions
+
+
+def _all_remote_keys_earlier(layout: RankLayout, senders: list[int]) -> bool:
+    """Every token `senders` send precedes every token this rank holds (no causal mask)."""
+    first_local = int(layout.local_positions.min()) if layout.local_positions.numel() else 0
+    sent = [layout.send_positions[j] for j in senders if layout.send_positions[j].numel()]
+    return all(int(p.max()) < first_local for p in sent)
 
 
 def distinct_code_share(model: nn.Module) -> float | None:
