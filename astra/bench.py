@@ -142,8 +142,8 @@ def bench_codebooks(
     """The codebooks a bench times without --artefact: the calibrated ones `astra run` would
     use, when they are cached, else timing-only ones. Timing depends on the codes since
     encoders attend to each distinct remote code once: timing-only codebooks are drawn from
-    the very tokens timed, so nearly every remote token gets a code of its own (DINOv2-S: 472
-    -511 distinct of 512 per block, against 91-222 with calibrated codebooks)."""
+    the very tokens timed, so nearly every remote token gets a code of its own (DINOv2-S: 511
+    -512 distinct of 512 per block, against 68-220 with calibrated codebooks)."""
     cached = default_artefact(model_dir, config)
     if cached.is_file():
         return cached
