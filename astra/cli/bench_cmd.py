@@ -97,7 +97,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--artefact",
         default=None,
-        help="calibrated codebooks to time with (default: timing-only codebooks)",
+        help="codebooks to time with (default: the calibrated ones `astra run` cached for "
+        "these settings, else timing-only codebooks drawn from the timed input; encoders' "
+        "timings depend on the codes, since they attend to each distinct remote code once)",
     )
     p.add_argument(
         "--mode",
