@@ -376,7 +376,6 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
     if placement.cost is not None:  # balanced: the fitted costs that sized the chunks
         out["placement_cost"] = asdict(placement.cost)
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
-    out["distinct_code_share"] = distinct_code_share(model)
     if job.decoder:
         if rank == decode_rank:
             logits = model.head(hidden[:, -1:])
@@ -400,6 +399,7 @@ def rank_main(rank: int, world_size: int, comm: Comm, job: Job) -> dict:
         out["output"] = output
         out["breakdown_ms"] = stage_breakdown(model, out["prefill_ms"])
     comm.wait_sends()  # streamed codes: delivered before this rank's numbers are final
+    out["distinct_code_share"] = distinct_code_share(model)  # after the clock: bookkeeping
     out["comm"] = comm.stats.to_dict()
     return out
 

@@ -32,6 +32,7 @@ from astra.parallel.runtime import (
     RankAttention,
     _attend_lse,
     attend_counted_keys,
+    distinct_code_share,
     merge_partials,
     plain_attention,
 )
@@ -240,8 +241,9 @@ def test_lse_merge_equals_attention_over_the_union():
 
 def _lockstep_vs_simulation(
     model, inputs_x, astra_cfg, num_devices, method="astra", overlap=True, kind="contiguous",
-    loss=None, exchange="auto", latency_ms=20.0, search=None,
+    loss=None, exchange="auto", latency_ms=20.0, search=None, shares=None,
 ):
+    """`shares`: a dict, filled with each rank's distinct_code_share (None: no merging)."""
     astra = apply_astra(copy.deepcopy(model), astra_cfg)
     calibrate_(astra, lambda: astra.forward_hidden(inputs_x, None))
     set_search_(astra.quantizers, search)  # the simulation's and the runtime's senders alike
@@ -254,7 +256,7 @@ def _lockstep_vs_simulation(
     def fn(rank, world_size, comm):
         local = share_weights_copy(astra.model)
         with torch.no_grad():
-            return rank_forward(
+            out = rank_forward(
                 rank,
                 world_size,
                 comm,
@@ -267,6 +269,9 @@ def _lockstep_vs_simulation(
                 loss=loss,
                 exchange=exchange,
             )
+        if shares is not None:
+            shares[rank] = distinct_code_share(local)
+        return out
 
     link = LinkConfig(bandwidth_mbps=10.0, latency_ms=latency_ms)
     outs, clocks, computes = run_lockstep(fn, num_devices, link)
@@ -368,20 +373,25 @@ def test_counted_keys_equal_attention_to_every_token(kv_heads, dtype):
     assert (unweighted.float() - ref.float()).abs().max() > 10 * tol  # the counts matter
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_lockstep_vit_attends_each_distinct_remote_code_once(groups):
+@pytest.mark.parametrize("groups,dtype", [
+    (1, torch.float32), (2, torch.float32), (1, torch.bfloat16)
+])
+def test_lockstep_vit_attends_each_distinct_remote_code_once(groups, dtype):
     # a tiny codebook (K=4): most remote tokens share their codes with others, so the runtime
     # attends to a few distinct keys per block; the outputs still equal the simulation's
-    model = tiny_vit()
-    x = model.embed(torch.randn(1, 3, 24, 24)).detach()
+    model = tiny_vit().to(dtype)
+    x = model.embed(torch.randn(1, 3, 24, 24, dtype=dtype)).detach()
     cfg = AstraConfig(num_groups=groups, codebook_size=4, class_tokens="distributed")
-    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 2)
+    shares: dict[int, float | None] = {}
+    sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 2, shares=shares)
+    assert all(0 < shares[rank] < 1 for rank in range(2)), shares  # the merging path ran
     shift = seq.num_replicas - 1
+    tol = ATOL_RUNTIME if dtype == torch.float32 else 5e-2
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         content = idx >= seq.num_replicas
         torch.testing.assert_close(
-            out[:, content], sim[:, idx[content] - shift], rtol=0, atol=ATOL_RUNTIME
+            out[:, content].float(), sim[:, idx[content] - shift].float(), rtol=0, atol=tol
         )
 
 
@@ -420,8 +430,13 @@ def test_lockstep_gpt2_attends_each_distinct_earlier_code_once(exchange, kind):
     model = tiny_gpt2()
     x = model.embed(torch.randint(0, 97, (1, 21)), torch.arange(21)).detach()
     cfg = AstraConfig(quant_point="hidden", num_groups=1, codebook_size=4)
+    shares: dict[int, float | None] = {}
     sim, seq, outs, _, _ = _lockstep_vs_simulation(model, x, cfg, 3, exchange=exchange,
-                                                   kind=kind)
+                                                   kind=kind, shares=shares)
+    if kind == "contiguous":  # ranks 1 and 2 merge (rank 0 has no earlier keys)
+        assert shares[0] is None and all(0 < shares[r] < 1 for r in (1, 2)), shares
+    else:  # zigzag: every rank holds an early and a late chunk, so no rank merges
+        assert all(share is None for share in shares.values()), shares
     for rank, out in enumerate(outs):
         idx = torch.nonzero(seq.device_of_token == rank).flatten()
         torch.testing.assert_close(out, sim[:, idx], rtol=0, atol=ATOL_RUNTIME)
@@ -501,16 +516,24 @@ def test_causal_block_attention_equals_masked_attention(q_pos, k_pos, monkeypatc
     assert torch.isneginf(lse[..., ~visible]).all()
 
 
-@pytest.mark.parametrize("kind,parity", [("contiguous", 0), ("random", 0), ("contiguous", 1)])
-def test_lost_packets_are_dropped_identically_in_simulation_and_runtime(kind, parity):
+@pytest.mark.parametrize("kind,parity,family", [
+    ("contiguous", 0, "llama"), ("random", 0, "llama"), ("contiguous", 1, "llama"),
+    ("contiguous", 0, "gpt2"),  # no RoPE: the remote keys that arrive are merged by code
+])
+def test_lost_packets_are_dropped_identically_in_simulation_and_runtime(kind, parity, family):
     """The runtime cuts codes into real packets and drops the ones the network loses; the
     simulation predicts the same tokens lost without building bytes."""
     from astra.net.link import LossModel
     from astra.net.packets import HEADER, PacketChannel, PacketFormat
 
-    model = tiny_llama()
-    x = model.embed(torch.randint(0, 97, (1, 24))).detach()
-    cfg = AstraConfig(quant_point="kv", num_groups=2, codebook_size=16)
+    if family == "llama":
+        model = tiny_llama()
+        x = model.embed(torch.randint(0, 97, (1, 24))).detach()
+    else:
+        model = tiny_gpt2()
+        x = model.embed(torch.randint(0, 97, (1, 24)), torch.arange(24)).detach()
+    point = "kv" if family == "llama" else "hidden"
+    cfg = AstraConfig(quant_point=point, num_groups=2, codebook_size=16)
     # 16 bits per token: packets of 2 tokens, so a sender's 8 tokens travel in 4 packets
     fmt = PacketFormat(mtu=HEADER.size + 4, parity_every=parity)
     loss = PacketChannel(LossModel(0.3, seed=3), fmt)

@@ -99,7 +99,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="codebooks to time with (default: the calibrated ones `astra run` cached for "
         "these settings, else timing-only codebooks drawn from the timed input; encoders' "
-        "timings depend on the codes, since they attend to each distinct remote code once)",
+        "(and GPT-2's) timings depend on the codes: they attend to each distinct remote code "
+        "once)",
     )
     p.add_argument(
         "--mode",

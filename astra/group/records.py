@@ -84,7 +84,7 @@ def record_from_ranks(
         lost_remote_tokens_per_device=[r.get("lost_remote_tokens", 0) for r in results],
     )
     shares = [r.get("distinct_code_share") for r in results]
-    if any(share is not None for share in shares):  # encoders: remote keys attended / tokens
+    if any(share is not None for share in shares):  # remote keys attended / remote tokens
         record.extra["distinct_code_share_per_device"] = shares
     for key in ("placement_cost", "kv_cache", "breakdown_ms"):
         value = next((r[key] for r in results if key in r), None)

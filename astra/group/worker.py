@@ -332,11 +332,11 @@ def _run_sequence_parallel(
         hidden = sequence_parallel_forward(model, x_full, layout)
     out: dict = {"rank": rank, "tokens": int(layout.local_index.numel())}
     out["lost_remote_tokens"] = sum(block.attn.lost_tokens for block in model.blocks)
-    out["distinct_code_share"] = distinct_code_share(model)
     if not state.causal:
         with comm.stats.phase("output"):
             out["output"] = encoder_output(model, hidden, layout, seq, comm)
     out["prefill_ms"] = (comm.now() - t0) * 1e3
+    out["distinct_code_share"] = distinct_code_share(model)  # after the clock: bookkeeping
     if item.score and state.causal:  # this device's tokens predict their successors
         ids = item.inputs["input_ids"]
         out.update(_next_token_nll(model, hidden, layout.local_positions, ids))

@@ -176,6 +176,9 @@ class RankAttention(nn.Module):
         self._last = 0.0
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, cache=None):
+        if mask is not None and self.count_duplicates:
+            # merged remote keys stand for many positions: a per-token mask cannot apply
+            raise ValueError("RankAttention merges duplicate remote codes and takes no mask")
         lay, attn = self.layout, self.inner
         lap = self._lap
         lap(None)
@@ -237,15 +240,19 @@ class RankAttention(nn.Module):
         return self._merge_and_project(out_local, lse_local, out_remote, lse_remote, lap)
 
     def _merge_and_project(self, out_local, lse_local, out_remote, lse_remote, lap) -> Tensor:
+        """The two partial softmaxes (1,H,T,hd) with their lse (1,H,T) -> o_proj'd (1,T,D)."""
         merged = merge_partials(out_local, lse_local, out_remote, lse_remote)  # (1,H,T,hd)
         b, h, n, hd = merged.shape
         y = self.inner.o_proj(merged.transpose(1, 2).reshape(b, n, h * hd))  # (1, T, D)
         lap("remote_attention")
         return y
 
-    def _attend_distinct(self, q: Tensor, payloads, senders: list[int], lap):
+    def _attend_distinct(
+        self, q: Tensor, payloads, senders: list[int], lap
+    ) -> tuple[Tensor, Tensor]:
         """Remote attention through each distinct code once: the rebuild and the attention
-        cost what the distinct codes do, not the remote tokens (CodesCodec.distinct)."""
+        cost what the distinct codes do, not the remote tokens (CodesCodec.distinct).
+        q (1,H,T,hd) -> out (1,H,T,hd), lse (1,H,T) float32."""
         joined, _ = self.joined_remote(payloads, senders)
         if joined is None:
             lap("rebuild_remote")
@@ -350,8 +357,8 @@ def _all_remote_keys_earlier(layout: RankLayout, senders: list[int]) -> bool:
 
 def distinct_code_share(model: nn.Module) -> float | None:
     """Distinct remote codes attended over the remote tokens they stood for, over every block
-    of a model whose attention merges duplicates (None where none does): what the encoders'
-    remote attention cost relative to attending every token."""
+    whose attention merges duplicates (None where none does: RoPE models): what the remote
+    attention cost relative to attending every token."""
     counted = [b.attn for b in model.blocks if getattr(b.attn, "count_duplicates", False)]
     tokens = sum(a.remote_tokens for a in counted)
     return round(sum(a.distinct_codes for a in counted) / tokens, 4) if tokens else None
