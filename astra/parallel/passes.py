@@ -43,7 +43,6 @@ def search_kind(search: str) -> str:
     return search
 
 
-
 def embed_inputs(model, inputs: dict) -> torch.Tensor:
     """The built-in inputs ({'pixels'} or {'input_ids'}) embedded by the model: (1, T, D)."""
     if "pixels" in inputs:  # pixels in the model's precision (the patch convolution's)

@@ -612,30 +612,8 @@ def attend_counted_keys(q: Tensor, k: Tensor, v: Tensor, counts: Tensor) -> tupl
 
     q (B,H,Tq,hd), k/v (B,Hkv,U,hd), counts (U,) -> out (B,H,Tq,hd), lse (B,H,Tq) float32.
     sum_tokens exp(s_t) v_t = sum_keys counts_j exp(s_j) v_j = sum_keys exp(s_j + log counts_j)
-    v_j, so each key's score is raised by log(counts_j), an additive mask row shared by every
-    query (a stride-0 expand: no (Tq, U) copy)."""
-    b, h, tq, hd = q.shape
-    if k.shape[2] == 0 or tq == 0:
-        return _no_keys(q)
-    hkv = k.shape[1]
-    if hkv != h and q.device.type == "cpu":
-        # grouped-query attention: the h/Hkv query heads of one kv head as rows of one head
-        # (q (B,H,Tq,hd) -> (B,Hkv,G*Tq,hd)), as _attend_lse does; the bias is per key
-        out, lse = attend_counted_keys(q.reshape(b, hkv, h // hkv * tq, hd), k, v, counts)
-        return out.reshape(b, h, tq, hd), lse.reshape(b, h, tq)
-    if hkv != h:
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    bias = counts.log()  # (U,) float32
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        # float32 even for bf16 queries (the kernel takes it): log(count) is not rounded
-        mask = bias.view(1, 1, 1, -1).expand(1, 1, tq, bias.numel())  # (1,1,Tq,U)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask
-        )
-    scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5 + bias  # (B,H,Tq,U)
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype), lse
+    v_j, so each key's score is raised by log(counts_j) (_attend_lse's key_bias)."""
+    return _attend_lse(q, k, v, None, key_bias=counts.log())
 
 
 def _attend_lse(
@@ -645,16 +623,21 @@ def _attend_lse(
     mask: Tensor | None,
     is_causal: bool = False,
     softcap: float | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns the log-sum-exp of each query's scores.
 
     q (B,H,Tq,hd), k/v (B,Hkv,Tk,hd), mask bool (Tq,Tk) or None -> out (B,H,Tq,hd), lse (B,H,Tq).
     Rows with no visible key get lse = -inf and out = 0, so they drop out of the merge.
+    `key_bias` (Tk,) float32 is added to every query's score of each key (attend_counted_keys);
+    it stays float32 even for bf16 queries (the CPU flash kernel takes it), so it is not rounded.
     """
     b, h, tq, hd = q.shape
     if k.shape[2] == 0 or tq == 0:  # (the CPU flash kernel dies on zero query rows)
         return _no_keys(q)
     if softcap is not None:  # no fused kernel caps scores
+        if key_bias is not None:
+            raise ValueError("softcapped attention takes no key_bias")
         if is_causal:
             mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()
         return softcapped_attention_lse(q, k, v, mask, softcap)
@@ -663,7 +646,8 @@ def _attend_lse(
         # grouped-query attention without a mask: the h/Hkv query heads of one kv head are
         # stacked as rows of one head (q (B,H,Tq,hd) -> (B,Hkv,G*Tq,hd)), so the kernel reads
         # each kv head once instead of a repeated copy: bit-identical, ~10 % faster here
-        out, lse = _attend_lse(q.reshape(b, hkv, h // hkv * tq, hd), k, v, None)
+        stacked = q.reshape(b, hkv, h // hkv * tq, hd)  # the bias is per key: it still applies
+        out, lse = _attend_lse(stacked, k, v, None, key_bias=key_bias)
         return out.reshape(b, h, tq, hd), lse.reshape(b, h, tq)
     if hkv != h:  # grouped-query attention: share each kv head across h/Hkv query heads
         k = k.repeat_interleave(h // k.shape[1], dim=1)
@@ -672,6 +656,11 @@ def _attend_lse(
         additive = None
         if mask is not None:
             additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        if key_bias is not None:  # one row shared by every query: a stride-0 expand, no copy
+            bias = key_bias.view(1, 1, 1, -1)  # (1, 1, 1, Tk)
+            additive = bias.expand(1, 1, q.shape[2], bias.shape[-1]) if additive is None else (
+                additive + bias
+            )
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=additive
         )
@@ -681,6 +670,8 @@ def _attend_lse(
             mask = torch.ones(tq, k.shape[2], dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
+        if key_bias is not None:
+            scores = scores + key_bias
         lse = torch.logsumexp(scores, dim=-1)
         out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
     if mask is not None:
