@@ -516,6 +516,35 @@ def test_causal_block_attention_equals_masked_attention(q_pos, k_pos, monkeypatc
     assert torch.isneginf(lse[..., ~visible]).all()
 
 
+@pytest.mark.parametrize("tokens", [7, 8, 21])  # one stripe; exactly two; a ragged last one
+def test_single_device_causal_kernel_equals_the_masked_model(tokens, monkeypatch):
+    """The single-device reference's striped causal kernel (grouped-query heads, a KV cache
+    filled on the way) gives the model's own masked forward, and the same cache."""
+    from astra.models import causal_mask
+    from astra.models.attention import KVCache
+    from astra.parallel import runtime
+    from astra.parallel.runtime import restore_attention_, use_causal_kernel_
+
+    monkeypatch.setattr(runtime, "CAUSAL_STRIPE", 4)  # stripes at test size (1024 rows: 128)
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, tokens))
+    positions = torch.arange(tokens)
+    mask = causal_mask(positions, positions)
+    with torch.no_grad():
+        ref_caches = [KVCache() for _ in model.blocks]
+        x = ref = model.embed(ids, positions)
+        for block, cache in zip(model.blocks, ref_caches):
+            ref = block(ref, positions, mask, cache=cache)
+        use_causal_kernel_(model)
+        caches = [KVCache() for _ in model.blocks]
+        for block, cache in zip(model.blocks, caches):
+            x = block(x, positions, mask, cache=cache)
+        restore_attention_(model)
+    torch.testing.assert_close(x, ref, rtol=0, atol=ATOL_EXACT)
+    for cache, ref_cache in zip(caches, ref_caches):
+        torch.testing.assert_close(cache.k, ref_cache.k, rtol=0, atol=ATOL_EXACT)
+
+
 @pytest.mark.parametrize("kind,parity,family", [
     ("contiguous", 0, "llama"), ("random", 0, "llama"), ("contiguous", 1, "llama"),
     ("contiguous", 0, "gpt2"),  # no RoPE: the remote keys that arrive are merged by code
