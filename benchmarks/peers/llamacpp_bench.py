@@ -77,13 +77,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--only", help="one instance, e.g. f32-faon (the head-to-head's; default: every one)"
+    )
+    ap.add_argument("--new-tokens", type=int, help="default: the prepared file's (32)")
     args = ap.parse_args()
 
     import llama_cpp
 
     prepared = json.loads(args.prepared.read_text())
     ids = json.loads(Path(prepared["prompt"]["path"]).read_text())["input_ids"]
-    new_tokens = prepared["new_tokens"]
+    new_tokens = args.new_tokens or prepared["new_tokens"]
     system_info = llama_cpp.llama_print_system_info().decode()
     print(f"llama.cpp system info: {system_info}", file=sys.stderr)
 
@@ -95,6 +99,8 @@ def main() -> None:
             continue
         for fa in (False, True):
             name = f"{quant}-fa{'on' if fa else 'off'}"
+            if args.only and name != args.only:
+                continue
             try:
                 llm = llama_cpp.Llama(
                     model_path=entry["path"],
