@@ -30,13 +30,15 @@ def load(folder: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/bench.json"))}
 
 
-def lower_bound_ms(record: dict, causal: bool) -> float | None:
-    """The link-and-work bound above for one ASTRA record (None without a work breakdown)."""
+def lower_bound_ms(record: dict, causal: bool, work_ms: float | None = None) -> float | None:
+    """The link-and-work bound above for one ASTRA record (None without a work breakdown).
+    `work_ms` replaces W, the run's work summed over devices: with one device's pass time it
+    is the bound of a split that costs no extra work at all."""
     work = record.get("work_breakdown_ms")
     if not work:
         return None
     n, lam = record["devices"], record["latency_ms"]
-    total = sum(record["compute_ms_per_device"])
+    total = sum(record["compute_ms_per_device"]) if work_ms is None else work_ms
     if causal:
         return total / n + (n - 1) * lam
     blocks = BLOCKS[record["model"]]
