@@ -2,7 +2,8 @@
 
     bash benchmarks/peers.sh                                  # once: builds .venv-peers and inputs
     .venv/bin/python benchmarks/peers/head_to_head.py --rounds 4 \\
-        --results benchmarks/results/peers-zen1 --md benchmarks/peers-head-to-head-zen1.md
+        --results benchmarks/results/peers-zen1 \\
+        --md benchmarks/results/peers-zen1/head_to_head-contiguous.md
 
 `peers.sh` runs each engine's repeats one engine after the other, over about 20 minutes; the
 machines here drift by 10-15 % over such a stretch, which is the size of the goal's margins.
@@ -61,10 +62,14 @@ def engine_pass(model: str, prepared: Path, peers_python: Path, tmp: Path) -> di
     return {"wall_ms": record["forward_ms_median"], "cpu_ms": record["forward_cpu_ms_median"]}
 
 
-def astra_bench(model: str, mode: str, devices: int, latency: str, tmp: Path) -> dict:
+def astra_bench(
+    model: str, mode: str, devices: int, latency: str, tmp: Path, placement: str
+) -> dict:
     """`astra bench` with single and astra, one repeat: both records' total_ms."""
     out = tmp / f"{model}-{mode}-{latency}"
-    cmd = [str(ROOT / ".venv/bin/astra"), "bench", *shlex.split(MODELS[model][0]),
+    # encoders: every placement gives equal chunks (every token sees every key)
+    chunks = ["--placement", placement] if model == "smollm2" else []
+    cmd = [str(ROOT / ".venv/bin/astra"), "bench", *shlex.split(MODELS[model][0]), *chunks,
            "--mode", mode, "--devices", str(devices), "--latency", latency,
            "--methods", "single,astra", "--repeats", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -82,7 +87,7 @@ def astra_bench(model: str, mode: str, devices: int, latency: str, tmp: Path) ->
 
 
 def one_round(r: int, models: list[str], latencies: list[str], prepared: Path,
-              peers_python: Path, log) -> dict:
+              peers_python: Path, placement: str, log) -> dict:
     steps = [(m, None, None, None) for m in models]  # the engines' passes
     steps += [(m, mode, n, lat) for m in models for lat in latencies for mode, n in RUNS]
     if r % 2:
@@ -95,7 +100,7 @@ def one_round(r: int, models: list[str], latencies: list[str], prepared: Path,
                 out[model]["engine"] = engine_pass(model, prepared, peers_python, Path(tmp))
                 what = MODELS[model][1]
             else:
-                run = astra_bench(model, mode, n, lat, Path(tmp))
+                run = astra_bench(model, mode, n, lat, Path(tmp), placement)
                 out[model]["runs"][f"{mode}-{n}-{lat}"] = run
                 what = f"astra {mode} x{n} latency {lat}"
             log(f"round {r + 1} {model}: {what} ({time.perf_counter() - t0:.0f} s)")
@@ -144,7 +149,8 @@ def markdown(result: dict) -> str:
         "",
         f"Run {prov['date']} at commit `{prov['git_commit']}` on {cpu_label(prov)} "
         f"({prov['cores']} cores), with `{result['command']}` ({result['rounds']} rounds, "
-        f"{result['minutes']} min). One thread per engine and per device. How it runs: "
+        f"{result['minutes']} min; SmolLM2's placement: {result.get('placement', 'contiguous')}). "
+        "One thread per engine and per device. How it runs: "
         "`benchmarks/peers/head_to_head.py`'s docstring.",
         "",
         "*goal* = 0.9 N t_ASTRA / t_best per round, t_best the faster of the engine and Astra's "
@@ -186,6 +192,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--models", default="smollm2,dinov2")
     ap.add_argument("--latencies", default="0,20ms")
+    ap.add_argument("--placement", default="contiguous", choices=("contiguous", "balanced"),
+                    help="SmolLM2's token placement (astra bench --placement)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/peers"))
     ap.add_argument("--md", type=Path, default=Path("benchmarks/peers-head-to-head.md"))
     ap.add_argument("--prepared", type=Path, default=Path(
@@ -208,18 +216,21 @@ def main() -> None:
         print(f"head-to-head: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.time()
-    rounds = [one_round(r, models, latencies, args.prepared, args.peers_python, log)
-              for r in range(args.rounds)]
+    rounds = [
+        one_round(r, models, latencies, args.prepared, args.peers_python, args.placement, log)
+        for r in range(args.rounds)
+    ]
     command = "benchmarks/peers/head_to_head.py " + " ".join(sys.argv[1:])
     result = {
         "command": command,
         "provenance": {**provenance(), "command": command},
         "rounds": args.rounds,
+        "placement": args.placement,
         "minutes": round((time.time() - t0) / 60, 1),
         "raw": rounds,
         "rows": [row for m in models for row in ratios(rounds, m, latencies)],
     }
-    write_json(args.results / "head_to_head.json", result)
+    write_json(args.results / f"head_to_head-{args.placement}.json", result)
     write_text(args.md, markdown(result))
     print(markdown(result))
 
