@@ -55,6 +55,7 @@ from astra.parallel.engine import (
 from astra.parallel.passes import (
     check_dtype,
     decode_cache_bytes,
+    decode_step,
     embed_inputs,
     encoder_output,
     pool_output,
@@ -511,11 +512,7 @@ def _decode(model, first: int, start: int, new_tokens: int, now, remote_cache: s
         block.attn = DecodeAttention(block.attn, block.attn.capture, remote_cache)
     token, steps = first, []
     for i in range(new_tokens - 1):
-        pos = torch.tensor([start + i])
-        x = model.embed(torch.tensor([[token]]), pos)
-        for block in model.blocks:
-            x = block(x, pos, None)
-        token = int(model.head(x).argmax(-1))
+        token = int(decode_step(model, token, start + i).argmax(-1))
         steps.append(token)
     tpot = (now() - t0) * 1e3 / max(new_tokens - 1, 1)
     return steps, tpot, decode_cache_bytes(model)
@@ -551,11 +548,7 @@ def _single(model, x_full: torch.Tensor, job: Job, now) -> dict:
         generated = [token]
         t1 = now()
         for i in range(job.new_tokens - 1 if job.decode else 0):
-            pos = torch.tensor([x_full.shape[1] + i])
-            x = model.embed(torch.tensor([[token]]), pos)
-            for block, cache in zip(model.blocks, caches):
-                x = block(x, pos, None, cache=cache)
-            token = int(model.head(x).argmax(-1))
+            token = int(decode_step(model, token, x_full.shape[1] + i, caches).argmax(-1))
             generated.append(token)
         out["tpot_ms"] = (now() - t1) * 1e3 / max(job.new_tokens - 1, 1)
         out["generated"] = generated

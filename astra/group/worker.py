@@ -37,6 +37,7 @@ from astra.parallel.engine import (
 )
 from astra.parallel.passes import (
     decode_cache_bytes,
+    decode_step,
     embed_inputs,
     encoder_output,
     pool_output,
@@ -253,11 +254,7 @@ def _run_single(state: RankState, item: WorkItem, emit, cancelled, now) -> dict:
             out.update(_next_token_nll(model, x, positions, item.inputs["input_ids"]))
 
         def step(token: int, pos: int) -> torch.Tensor:
-            where = torch.tensor([pos])  # one tensor for every block: RoPE's tables are reused
-            h = model.embed(torch.tensor([[token]]), positions=where)
-            for block, cache in zip(model.blocks, caches):
-                h = block(h, where, None, cache=cache)
-            return model.head(h)
+            return decode_step(model, token, pos, caches)
 
         out.update(_generate(model.head(x[:, -1:]), step, x.shape[1], item, emit, cancelled, now))
     first_at = out.pop("first_at", None) or now()  # the first token drawn, or the output
@@ -348,11 +345,7 @@ def _run_sequence_parallel(
             block.attn = DecodeAttention(block.attn, block.attn.capture, spec.remote_cache)
 
         def step(token: int, pos: int) -> torch.Tensor:
-            where = torch.tensor([pos])  # one tensor for every block: RoPE's tables are reused
-            h = model.embed(torch.tensor([[token]]), positions=where)
-            for block in model.blocks:
-                h = block(h, where, None)
-            return model.head(h)
+            return decode_step(model, token, pos)
 
         logits = model.head(hidden[:, -1:])
         out.update(_generate(logits, step, x_full.shape[1], item, emit, cancelled, comm.now))

@@ -127,6 +127,17 @@ def encoder_output(model, hidden, layout, seq, comm) -> torch.Tensor:
     return model.head(comm.all_gather_tensor(cls)[0][None])[0, 0]
 
 
+def decode_step(model, token: int, position: int, caches=None) -> torch.Tensor:
+    """One decoding step through every block: the logits (1, 1, V) after `token` at `position`.
+    `caches`: one KVCache per block (the single device), or None where each block's attention
+    keeps its own (DecodeAttention on the device that decodes after ASTRA's prefill)."""
+    where = torch.tensor([position])  # one tensor for every block: RoPE's tables are reused
+    h = model.embed(torch.tensor([[token]]), positions=where)  # (1, 1, D)
+    for i, block in enumerate(model.blocks):
+        h = block(h, where, None, cache=None if caches is None else caches[i])
+    return model.head(h)
+
+
 def decode_cache_bytes(model) -> dict:
     """The decode device's KV cache after decoding, summed over blocks (DecodeAttention)."""
     cache = {"local_exact_bytes": 0, "remote_code_bytes": 0, "remote_rebuilt_bytes": 0}
