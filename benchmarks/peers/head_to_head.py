@@ -216,6 +216,7 @@ def main() -> None:
         print(f"head-to-head: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.time()
+    started = provenance()  # the code as the rounds began
     rounds = [
         one_round(r, models, latencies, args.prepared, args.peers_python, args.placement, log)
         for r in range(args.rounds)
@@ -223,7 +224,7 @@ def main() -> None:
     command = "benchmarks/peers/head_to_head.py " + " ".join(sys.argv[1:])
     result = {
         "command": command,
-        "provenance": {**provenance(), "command": command},
+        "provenance": {**started, "command": command},
         "rounds": args.rounds,
         "placement": args.placement,
         "minutes": round((time.time() - t0) / 60, 1),
