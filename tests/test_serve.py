@@ -286,3 +286,22 @@ def test_image_features_equal_one_device():
         assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_a_lossy_link_drops_codes_and_usage_counts_them(tiny_llama_dir):
+    """`astra serve --loss`: packets are lost and never resent, the answer still comes, and
+    usage.astra says how many remote tokens each device went without (seeded by the request,
+    so the count is the same every run)."""
+    s = Server("--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--devices", "2",
+               "--method", "sp-fp32", "--bandwidth", "inf", "--latency", "0", "--loss", "0.3",
+               "--parity", "0", "--peer-timeout", "15")
+    try:
+        assert "30% packet loss (no parity)" in s.ready_line
+        prompt = "It is a truth universally acknowledged, " * 20
+        out = s.client().completions.create(model="tiny", prompt=prompt, max_tokens=4,
+                                            temperature=0)
+        astra = out.usage.model_extra["astra"]
+        assert out.usage.completion_tokens == 4
+        assert sum(astra["lost_remote_tokens_per_device"]) > 0
+    finally:
+        s.stop()

@@ -14,6 +14,7 @@ from astra.cli.common import (
     add_dtype_arg,
     add_exchange_arg,
     add_link_args,
+    add_loss_args,
     add_model_arg,
     add_quant_args,
     add_search_arg,
@@ -33,6 +34,7 @@ EPILOG = """\
 examples:
   astra serve                                    # SmolLM2-135M on 2 devices, http://127.0.0.1:8000/v1
   astra serve --devices 2 --bandwidth 100mbit --latency 5ms --fallback auto
+  astra serve --loss 0.05                        # 5 % of code packets lost, never resent
   astra serve --model minilm-l6 --port 8001      # /v1/embeddings
   astra serve --model dinov2-s --port 8002       # /v1/images/features
   astra serve --host 0.0.0.0 --api-key "$(cat ~/.astra-key)"   # reachable from the network
@@ -90,6 +92,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         "(short prompts, fast links); usage.astra says when it happened (default off)",
     )
     add_link_args(p)
+    add_loss_args(p)
     add_quant_args(p)
     add_dtype_arg(p)
     add_weights_arg(p)
@@ -159,7 +162,12 @@ def run(args) -> int:
             devices=args.devices,
             method=args.method,
             methods=methods,
-            link=LinkConfig(bandwidth_mbps=args.bandwidth, latency_ms=args.latency),
+            link=LinkConfig(
+                bandwidth_mbps=args.bandwidth,
+                latency_ms=args.latency,
+                loss_rate=args.loss,
+                loss_parity=args.parity,
+            ),
             quant=QuantConfig(
                 groups=args.groups,
                 codebook_size=args.codebook_size,
@@ -235,10 +243,15 @@ def _ready_line(args, group, serve_config) -> str:
         method += f" (G={q['groups']}, K={q['codebook_size']}, {q['quant_point']} point)"
     open_note = "" if _is_loopback(args.host) else " -- listening beyond this machine"
     auth = ", API key required" if serve_config.api_key else ""
+    loss = ""
+    if link.loss_rate > 0:  # codes that are lost are not resent (usage.astra counts them)
+        loss = f", {link.loss_rate:.0%} packet loss (parity 1 per {link.loss_parity})"
+        if link.loss_parity == 0:
+            loss = f", {link.loss_rate:.0%} packet loss (no parity)"
     return (
         f"astra serve: ready at http://{host}:{args.port}/v1 | model "
         f"{serve_config.served_model_name} ({group.kind}) | {group.devices} device(s) | "
-        f"link {bw}, {link.latency_ms:g} ms | "
+        f"link {bw}, {link.latency_ms:g} ms{loss} | "
         f"method {method}{auth}{open_note}"
     )
 
