@@ -275,7 +275,7 @@ def _run_one(setup: _Setup, tokens: int, inputs: dict, n: int, bw: float, method
     config, model_dir, family, decoder = setup.config, setup.model_dir, setup.family, setup.decoder
     base, tmp, artefacts, log = setup.base, setup.tmp, setup.artefacts, setup.log
     artefact = None
-    class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
+    class_tokens = model_spec(model_dir).class_tokens
     astra_config = AstraConfig(
         quant_point=config.quant_point or model_spec(model_dir).quant_point,
         num_groups=config.groups,

@@ -35,6 +35,7 @@ from astra.models import (
     load_model,
     load_tokenizer,
     model_kind,
+    model_spec,
     num_input_tokens,
 )
 from astra.net.comm import Communicator, all_gather_json
@@ -774,7 +775,7 @@ def _run_in_group(config: RunConfig, inputs: dict, decoder: bool, progress: bool
 def _run_composed(config: RunConfig, model_dir: Path, inputs, decoder, progress, log):
     """Every method in the composed mode (more devices than cores; astra.net.lockstep)."""
     artefact = ensure_artefact(config, model_dir, progress) if "astra" in config.methods else None
-    class_tokens = "distributed" if model_kind(model_dir) == "image-encoder" else "none"
+    class_tokens = model_spec(model_dir).class_tokens
     quant = {}
     if artefact is not None:
         quant = codebook_summary(artefact, model_dir)

@@ -67,7 +67,7 @@ def main() -> None:
         quant_point=model_spec(model_dir).quant_point,
         num_groups=1,
         codebook_size=1024,
-        class_tokens="distributed" if model_kind(model_dir) == "image-encoder" else "none",
+        class_tokens=model_spec(model_dir).class_tokens,
     )
     calibrated = default_artefact(model_dir, config)
     if not calibrated.is_file():

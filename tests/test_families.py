@@ -341,3 +341,14 @@ def test_astra_models_families_lists_every_spec(capsys):
     out = capsys.readouterr().out
     for spec in SPECS:
         assert spec.name in out and spec.model_types[0] in out
+
+
+def test_each_spec_names_its_class_token_handling():
+    """ASTRA's default class-token handling is the family's, not a switch on its kind: the
+    image encoders, whose output pools a class token, distribute it (the paper's DCT)."""
+    from astra.parallel.config import CLASS_TOKEN_MODES
+
+    for spec in SPECS:
+        assert spec.class_tokens in CLASS_TOKEN_MODES, spec.name
+        pools_a_class_token = getattr(spec.model_cls, "modality", None) == "image"
+        assert (spec.class_tokens == "distributed") == pools_a_class_token, spec.name

@@ -41,6 +41,7 @@ from astra.models import (
     image_transform,
     load_tokenizer,
     model_kind,
+    model_spec,
     num_input_tokens,
     read_config,
 )
@@ -180,7 +181,7 @@ class Group:
         c = self.config
         class_tokens = self.quant_info.get("class_tokens")
         if class_tokens is None:  # no codebooks: the model's own convention
-            class_tokens = "distributed" if self.kind == "image-encoder" else "none"
+            class_tokens = model_spec(self.model_dir).class_tokens
         return WorkerSpec(
             model_dir=str(self.model_dir),
             artefact=str(self.artefact) if self.artefact else None,

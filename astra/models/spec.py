@@ -43,6 +43,9 @@ class FamilySpec:
     task: str  # one of TASKS: what `astra eval` measures and `calibrate` trains on
     quant_point: str  # one of QUANT_POINTS: ASTRA's default (the paper: "kv" for GQA decoders)
     tied_to: str | None = None  # the embedding a tied LM head shares, when the config ties
+    # ASTRA's class-token handling (CLASS_TOKEN_MODES): "distributed" where the output pools a
+    # class token every device needs (the paper's Distributed Class Tokens, ViTs), else "none"
+    class_tokens: str = "none"
     summary: str = ""  # one line for `astra models families`
 
     def __post_init__(self):

@@ -36,5 +36,6 @@ SPEC = FamilySpec(
     ),
     task="image-classification",
     quant_point="hidden",
+    class_tokens="distributed",
     summary="ViT and DINOv2 image encoders: pre-LN, class token (DINOv2: layer scale)",
 )
