@@ -503,7 +503,7 @@ def test_causal_block_attention_equals_masked_attention(q_pos, k_pos, monkeypatc
     from astra.parallel import runtime
     from astra.parallel.runtime import attend_positions
 
-    monkeypatch.setattr(runtime, "CAUSAL_STRIPE", 4)  # stripes at test size (512 rows: 256)
+    monkeypatch.setattr(runtime, "CAUSAL_STRIPE", 4)  # stripes at test size (1024 rows: 128)
     torch.manual_seed(0)
     qp, kp = torch.tensor(q_pos), torch.tensor(k_pos)
     q = torch.randn(1, 4, len(q_pos), 8)

@@ -244,10 +244,9 @@ def _ready_line(args, group, serve_config) -> str:
     open_note = "" if _is_loopback(args.host) else " -- listening beyond this machine"
     auth = ", API key required" if serve_config.api_key else ""
     loss = ""
-    if link.loss_rate > 0:  # codes that are lost are not resent (usage.astra counts them)
-        loss = f", {link.loss_rate:.0%} packet loss (parity 1 per {link.loss_parity})"
-        if link.loss_parity == 0:
-            loss = f", {link.loss_rate:.0%} packet loss (no parity)"
+    if link.loss_rate > 0 and not method.startswith("single"):  # lost codes are not resent
+        parity = f"parity 1 per {link.loss_parity}" if link.loss_parity else "no parity"
+        loss = f", {link.loss_rate * 100:g}% packet loss ({parity})"
     return (
         f"astra serve: ready at http://{host}:{args.port}/v1 | model "
         f"{serve_config.served_model_name} ({group.kind}) | {group.devices} device(s) | "

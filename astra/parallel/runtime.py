@@ -530,11 +530,11 @@ def attend_positions(
 
     Causal: split both sides into runs of consecutive positions; key runs wholly after a query
     run are skipped, wholly before it attended without a mask, the same run attended causally
-    (`_attend_causal_square`: about 3/4 of the dense work), and only interleaved runs need an
-    explicit mask. This is what lets a device holding the latest tokens, or zigzag chunks, do
-    its share of the causal attention instead of a dense masked square. A sliding `window`
-    also skips key runs wholly older than every query's window; `softcap`: Gemma 2's capped
-    scores (astra.models.attention.softcapped_attention_lse).
+    (`_attend_causal_square`: (k+1)/2k of the dense work in k stripes), and only interleaved
+    runs need an explicit mask. This is what lets a device holding the latest tokens, or
+    zigzag chunks, do its share of the causal attention instead of a dense masked square. A
+    sliding `window` also skips key runs wholly older than every query's window; `softcap`:
+    Gemma 2's capped scores (astra.models.attention.softcapped_attention_lse).
     """
     if not causal:
         return _attend_lse(q, k, v, None, softcap=softcap)

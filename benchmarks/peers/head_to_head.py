@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from astra.net.link import parse_latency
 from astra.provenance import cpu_label, provenance
 from astra.storage import write_json, write_text
 
@@ -45,6 +46,14 @@ MODELS = {
 RUNS = (("processes", 2), ("composed", 4))
 
 
+def _run(cmd: list[str], timeout_s: float) -> None:
+    """Run one step; on failure stop with its command and the last lines it printed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise SystemExit(f"head-to-head: {' '.join(cmd[:3])} ... exited {done.returncode}:\n{tail}")
+
+
 def engine_pass(model: str, prepared: Path, peers_python: Path, tmp: Path) -> dict:
     """One timed pass of the model's peer engine in a fresh process: wall and CPU ms."""
     out = tmp / f"{model}-engine.json"
@@ -54,7 +63,7 @@ def engine_pass(model: str, prepared: Path, peers_python: Path, tmp: Path) -> di
         script, extra = "ort_bench.py", []
     cmd = [str(peers_python), str(ROOT / "benchmarks/peers" / script),
            "--prepared", str(prepared), "--out", str(out), "--repeats", "1", *extra]
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, timeout=600)
+    _run(cmd, timeout_s=600)
     record = json.loads(out.read_text())
     if model == "smollm2":
         r = record["results"]["f32-faon"]
@@ -72,8 +81,7 @@ def astra_bench(
     cmd = [str(ROOT / ".venv/bin/astra"), "bench", *shlex.split(MODELS[model][0]), *chunks,
            "--mode", mode, "--devices", str(devices), "--latency", latency,
            "--methods", "single,astra", "--repeats", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=900)
+    _run(cmd, timeout_s=900)
     records = json.loads((out / "bench.json").read_text())["records"]
     by_method = {r["method"]: r for r in records}
     single, astra = by_method["single"], by_method["astra"]
@@ -211,28 +219,34 @@ def main() -> None:
         if not path.exists():
             ap.error(f"{path} does not exist: {how}")
     latencies = args.latencies.split(",")
+    for lat in latencies:  # checked before any round starts, as astra bench parses them
+        try:
+            parse_latency(lat)
+        except ValueError as exc:
+            ap.error(f"--latencies: {exc}")
 
     def log(msg: str) -> None:
         print(f"head-to-head: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.time()
     started = provenance()  # the code as the rounds began
-    rounds = [
-        one_round(r, models, latencies, args.prepared, args.peers_python, args.placement, log)
-        for r in range(args.rounds)
-    ]
     command = "benchmarks/peers/head_to_head.py " + " ".join(sys.argv[1:])
-    result = {
-        "command": command,
-        "provenance": {**started, "command": command},
-        "rounds": args.rounds,
-        "placement": args.placement,
-        "minutes": round((time.time() - t0) / 60, 1),
-        "raw": rounds,
-        "rows": [row for m in models for row in ratios(rounds, m, latencies)],
-    }
-    write_json(args.results / f"head_to_head-{args.placement}.json", result)
-    write_text(args.md, markdown(result))
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        rounds.append(
+            one_round(r, models, latencies, args.prepared, args.peers_python, args.placement, log)
+        )
+        result = {  # written after every round: a failure later keeps the rounds done
+            "command": command,
+            "provenance": {**started, "command": command},
+            "rounds": len(rounds),
+            "placement": args.placement,
+            "minutes": round((time.time() - t0) / 60, 1),
+            "raw": rounds,
+            "rows": [row for m in models for row in ratios(rounds, m, latencies)],
+        }
+        write_json(args.results / f"head_to_head-{args.placement}.json", result)
+        write_text(args.md, markdown(result))
     print(markdown(result))
 
 

@@ -87,7 +87,9 @@ def main() -> None:
 
     prepared = json.loads(args.prepared.read_text())
     ids = json.loads(Path(prepared["prompt"]["path"]).read_text())["input_ids"]
-    new_tokens = args.new_tokens or prepared["new_tokens"]
+    new_tokens = prepared["new_tokens"] if args.new_tokens is None else args.new_tokens
+    if new_tokens < 1:
+        ap.error(f"--new-tokens {new_tokens}: expected at least 1")
     system_info = llama_cpp.llama_print_system_info().decode()
     print(f"llama.cpp system info: {system_info}", file=sys.stderr)
 
@@ -118,6 +120,10 @@ def main() -> None:
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 continue
             instances[name] = (quant, fa, llm)
+    if args.only and args.only not in instances:  # say why here: the caller sees only the code
+        print(f"llama.cpp: no instance {args.only!r}: {errors.get(args.only, 'no such name')}",
+              file=sys.stderr)
+        sys.exit(1)
     passes: dict[str, list[dict]] = {name: [] for name in instances}
     for r in range(args.repeats):
         for name, (_, _, llm) in instances.items():
