@@ -185,18 +185,14 @@ def run_bench(config: BenchConfig, progress: bool = True, log=print) -> list[dic
     artefacts: dict[int, Path] = {}
     # warm up the math libraries once, outside any timed pass: in composed mode every method
     # runs in this process, and the first (the single device) would otherwise time a cold pass;
-    # one whole forward at the first size (processes mode warms each worker itself)
-    with torch.no_grad():
-        if config.mode == "composed":
+    # one whole forward at the first size. Processes mode times only in its workers, which
+    # warm themselves (Job.warmup), so this process has nothing to warm.
+    if config.mode == "composed":
+        with torch.no_grad():
             x = embed_inputs(base, plan[0][1])  # (1, T, D)
             positions = torch.arange(x.shape[1])
             for block in base.blocks:
                 x = block(x, positions, None)
-        else:
-            embed_inputs(
-                base,
-                build_inputs(RunConfig(model=config.model, tokens=8, image_size=28), model_dir)[0],
-            )
     setup = _Setup(config, model_dir, family, decoder, base, tmp, artefacts, log)
     # Interleaved repeats: this VM's speed drifts by 20-30 % over minutes (noisy neighbours), so
     # each repeat runs every plan entry once and the methods of one repeat are side by side.
