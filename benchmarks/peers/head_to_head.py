@@ -37,8 +37,8 @@ from astra.storage import write_json, write_text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # a script beside its sibling benchmarks
 from regimes_summary import lower_bound_ms  # noqa: E402
+from report import EFFICIENCY  # noqa: E402  # peers.sh's goal (this script's own folder)
 
-EFFICIENCY = 0.9  # issue 12's goal: N devices within 1/(0.9 N) of the best single device
 MODELS = {
     "smollm2": ("--model smollm2-135m --tokens 1024 --bandwidths 10mbit", "llama.cpp F32"),
     "dinov2": ("--model dinov2-s --tokens 1025 --bandwidths 10mbit --tables", "onnxruntime"),
